@@ -1,0 +1,1 @@
+"""dd2-teachers."""
