@@ -79,7 +79,9 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        q, k, v = (
+            self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        )  # (B, H, N, d)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, d)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))

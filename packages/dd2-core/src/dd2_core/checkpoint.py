@@ -44,7 +44,9 @@ def read_state_dict(path: str | os.PathLike, *, key: str | None = None) -> dict[
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}; pass the path of a .pt/.pth/.safetensors file")
+        raise FileNotFoundError(
+            f"checkpoint: no such file {str(path)!r}; pass the path of a .pt/.pth/.safetensors file"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -94,9 +96,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, Tensor], *, expected: str, s
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected keys: {few(unexpected)}")
         if mismatched:
-            lines.append(
-                f"  {len(mismatched)} shape mismatches (key, found, expected): {few(mismatched)}"
-            )
+            lines.append(f"  {len(mismatched)} shape mismatches (key, found, expected): {few(mismatched)}")
         lines.append("  check the model family and size in the config against the checkpoint file")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(sd, strict=True)

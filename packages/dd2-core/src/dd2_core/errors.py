@@ -35,7 +35,9 @@ def expect_shape(name: str, x: Tensor, expected: Sequence[int | None]) -> None:
         raise DD2ValueError(f"{name}: expected shape {want}, got {shape}")
 
 
-def expect_labels(name: str, labels: Tensor, num_classes: int, *, allow_null: bool = True, batch: int | None = None) -> None:
+def expect_labels(
+    name: str, labels: Tensor, num_classes: int, *, allow_null: bool = True, batch: int | None = None
+) -> None:
     """Raise DD2ValueError unless `labels` is an integer (B,) tensor in [0, num_classes] (num_classes = null class)."""
     if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
         want = f"({batch},)" if batch is not None else "(B,)"

@@ -1,0 +1,235 @@
+"""Inference: a one-step generator plus a token decoder, saved as and loaded from a pipeline folder.
+
+Pipeline folder (written by `save_pretrained` / dd2-train's `export`, read by `from_pretrained`):
+    config.json             PipelineConfig: schema version, backbone family + config, head config, decoder config
+    generator.safetensors   OneStepGenerator weights (model.backbone.*, model.head.*)
+    decoder.safetensors     token decoder weights (absent when decoder = "none")
+    teacher_ref.json        optional: which teacher to use for teacher-refined multi-step sampling (informational)
+
+Installing only dd2-core is enough: every architecture a pipeline may name lives in dd2_core (backbone.py, models/).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from dd2_core.backbone import Backbone
+from dd2_core.checkpoint import atomic_write_bytes, load_strict, read_state_dict, save_safetensors
+from dd2_core.diffusion import ARDiffusion
+from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels
+from dd2_core.generator import OneStepGenerator
+from dd2_core.heads import HeadConfig, VelocityHead
+from dd2_core.sampling import refine_with_teacher
+from dd2_core.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# family -> (module, backbone class, config class); imported lazily so that a toy pipeline needs no large model code
+_BACKBONES: dict[str, tuple[str, str, str]] = {
+    "transformer": ("dd2_core.backbone", "TransformerBackbone", "BackboneConfig"),
+    "llamagen": ("dd2_core.models.llamagen", "LlamaGenBackbone", "LlamaGenConfig"),
+    "var": ("dd2_core.models.var", "VARBackbone", "VARBackboneConfig"),
+}
+# decoder -> (module, class, config class); decode_tokens(tokens (B, N, C)) -> images (B, 3, H, W) in [-1, 1]
+_DECODERS: dict[str, tuple[str, str, str]] = {
+    "llamagen_vq": ("dd2_core.models.llamagen_vq", "LlamaGenVQ", "VQConfig"),
+    "var_vqvae": ("dd2_core.models.var_vqvae", "VQVAE", "VQVAEConfig"),
+}
+
+
+class PipelineConfig(BaseModel):
+    """config.json of a pipeline folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, description="bumped when the folder layout changes")
+    family: Literal["transformer", "llamagen", "var"] = Field(..., description="backbone architecture")
+    backbone: dict[str, Any] = Field(..., description="the backbone's own config (validated by its config class)")
+    head: HeadConfig
+    head_time: float = Field(1.0, gt=0.0, le=1.0, description="t fed to the generator's head")
+    decoder: Literal["none", "llamagen_vq", "var_vqvae"] = Field("none", description="token -> image decoder")
+    decoder_config: dict[str, Any] | None = Field(None, description="the decoder's own config")
+    num_classes: int = Field(..., ge=1)
+    dd2_core_version: str = Field("0.1.0", description="version of dd2-core that wrote the folder")
+
+
+@dataclass
+class PipelineOutput:
+    """images: uint8 (B, H, W, 3) or None without a decoder; tokens: (B, N, C) generated continuous tokens."""
+
+    images: Tensor | None
+    tokens: Tensor
+
+
+def _resolve(table: dict[str, tuple[str, str, str]], name: str) -> tuple[type, type]:
+    module, cls, cfg_cls = table[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, cfg_cls)
+
+
+def build_backbone(family: str, config: dict[str, Any]) -> Backbone:
+    """Instantiate a backbone of `family` from its config dict."""
+    cls, cfg_cls = _resolve(_BACKBONES, family)
+    return cls(cfg_cls.model_validate(config))
+
+
+def build_decoder(name: str, config: dict[str, Any] | None) -> nn.Module | None:
+    if name == "none":
+        return None
+    cls, cfg_cls = _resolve(_DECODERS, name)
+    return cls(cfg_cls.model_validate(config or {}))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, round((x + 1) * 127.5) clamped to [0, 255]."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class OneStepPipeline:
+    """One-step class-conditional image generation:  pipe(labels, seed=0).images -> uint8 (B, H, W, 3).
+
+    Example:
+        >>> pipe = OneStepPipeline.from_pretrained("runs/toy/export")      # doctest: +SKIP
+        >>> out = pipe(torch.tensor([0, 1, 2]), seed=0)                    # doctest: +SKIP
+    """
+
+    def __init__(self, generator: OneStepGenerator, config: PipelineConfig, decoder: nn.Module | None = None):
+        self.generator = generator.eval()
+        self.decoder = decoder.eval() if decoder is not None else None
+        self.config = config
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
+    @classmethod
+    def from_models(
+        cls,
+        generator: OneStepGenerator,
+        *,
+        family: str,
+        backbone_config: BaseModel | dict,
+        decoder: nn.Module | None = None,
+        decoder_name: str = "none",
+        decoder_config: BaseModel | dict | None = None,
+    ) -> OneStepPipeline:
+        """Assemble a pipeline from live modules (what `export` does before save_pretrained)."""
+
+        def as_dict(c):
+            return c.model_dump() if isinstance(c, BaseModel) else c
+
+        config = PipelineConfig(
+            family=family,
+            backbone=as_dict(backbone_config),
+            head=generator.head.cfg,
+            head_time=generator.head_time,
+            decoder=decoder_name,
+            decoder_config=as_dict(decoder_config),
+            num_classes=generator.backbone.num_classes,
+        )
+        return cls(generator, config, decoder)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, teacher_ref: dict | None = None) -> None:
+        """Write the pipeline folder; each file is written atomically (weights first, config.json last)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.generator.state_dict(), folder / "generator.safetensors")
+        if self.decoder is not None:
+            save_safetensors(self.decoder.state_dict(), folder / "decoder.safetensors")
+        if teacher_ref is not None:
+            atomic_write_bytes(folder / "teacher_ref.json", json.dumps(teacher_ref, indent=1).encode())
+        atomic_write_bytes(folder / "config.json", self.config.model_dump_json(indent=1).encode())
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> OneStepPipeline:
+        """Load a pipeline folder written by save_pretrained / dd2-train export."""
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"pipeline: expected {cfg_path} (a folder written by `export` or save_pretrained), found no such file"
+            )
+        try:
+            config = PipelineConfig.model_validate_json(cfg_path.read_text())
+        except ValidationError as e:
+            raise CheckpointError(f"pipeline: {cfg_path} is not a valid pipeline config:\n{e}") from e
+        if config.schema_version != SCHEMA_VERSION:
+            raise CheckpointError(
+                f"pipeline: {cfg_path} has schema_version {config.schema_version}, this dd2-core reads {SCHEMA_VERSION}"
+            )
+        backbone = build_backbone(config.family, config.backbone)
+        generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+        weights = folder / "generator.safetensors"
+        expected = f"a {config.family} one-step generator"
+        load_strict(generator, read_state_dict(weights), expected=expected, source=str(weights))
+        decoder = build_decoder(config.decoder, config.decoder_config)
+        if decoder is not None:
+            weights = folder / "decoder.safetensors"
+            load_strict(decoder, read_state_dict(weights), expected=f"decoder {config.decoder}", source=str(weights))
+            decoder = decoder.to(device=device, dtype=dtype)
+        return cls(generator.to(device=device, dtype=dtype), config, decoder)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels: Tensor | list[int],
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        teacher: Teacher | None = None,
+        refine_groups: int = 0,
+    ) -> PipelineOutput:
+        """Generate one image per label.
+
+        Args:
+            labels: (B,) class ids in [0, num_classes).
+            seed / generator: seed the noise (a fresh torch.Generator on the pipeline's device when `seed` is given).
+            noise: (B, N, C) explicit noise instead.
+            teacher, refine_groups: teacher-refined multi-step sampling (DD2 Alg. 4): the teacher resamples the last
+                `refine_groups` token groups (1 + refine_groups steps). Needs a Teacher from dd2_teachers.
+        """
+        labels = torch.as_tensor(labels, device=self.device)
+        expect_labels("labels", labels, self.num_classes, allow_null=False)
+        if seed is not None and generator is not None:
+            raise DD2ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        if noise is None:
+            noise = self.generator.sample_noise(
+                labels.shape[0], device=self.device, dtype=self.dtype, generator=generator
+            )
+        tokens = self.generator(noise, labels)
+        if refine_groups:
+            if teacher is None:
+                raise DD2ValueError(f"refine_groups={refine_groups} needs a teacher (dd2_teachers), got teacher=None")
+            tokens = refine_with_teacher(teacher, tokens, labels, resample_groups=refine_groups, generator=generator)
+        images = None
+        if self.decoder is not None:
+            images = to_uint8(self.decoder.decode_tokens(tokens))
+        return PipelineOutput(images=images, tokens=tokens)
+
+
+__all__ = ["OneStepPipeline", "PipelineConfig", "PipelineOutput", "build_backbone", "build_decoder", "to_uint8"]

@@ -1,0 +1,137 @@
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from dd2_core import OneStepGenerator
+from dd2_core.heads import HeadConfig
+from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig, ar_diffusion_from_teacher
+from dd2_train.steps import (
+    CSDConfig,
+    GTSConfig,
+    TorchUpdater,
+    csd_round,
+    ema_decay,
+    ema_update,
+    generator_step,
+    gts_step,
+    guidance_step,
+    regression_step,
+)
+
+
+class CountingUpdater(TorchUpdater):
+    def __init__(self, params, lr=1e-3):
+        super().__init__(torch.optim.Adam(params, lr=lr))
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        super().step()
+
+
+@pytest.fixture()
+def nets():
+    torch.manual_seed(0)
+    teacher = ToyTeacher(ToyTeacherConfig(codebook_size=4, num_tokens=3, dim=32, heads=2)).eval().requires_grad_(False)
+    model = ar_diffusion_from_teacher(teacher, HeadConfig(token_dim=2, cond_dim=32, width=32, depth=2))
+    for p in model.head.parameters():  # a non-trivial head, as after GTS
+        torch.nn.init.normal_(p, std=0.1)
+    return teacher, model
+
+
+def _params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _changed(before, m):
+    return any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_gts_step_trains_the_model_and_head_only_freezes_the_backbone(nets):
+    teacher, model = nets
+    labels = torch.zeros(16, dtype=torch.long)
+    tokens = teacher.embed(teacher.sample(labels, generator=torch.Generator().manual_seed(0)))
+    bb = _params(model.backbone)
+    up = TorchUpdater(torch.optim.Adam(model.parameters(), lr=1e-3))
+    m = gts_step(model, up, teacher, tokens, labels, GTSConfig(head_only=True), rng=torch.Generator().manual_seed(1))
+    assert m["loss_gts"].dim() == 0 and torch.isfinite(m["loss_gts"])
+    assert not _changed(bb, model.backbone)
+    gts_step(model, up, teacher, tokens, labels, GTSConfig(), rng=torch.Generator().manual_seed(1))
+    assert _changed(bb, model.backbone)
+
+
+def test_guidance_step_updates_only_the_guidance(nets):
+    teacher, model = nets
+    gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+    g_before, p_before = _params(gen), _params(gui)
+    up = TorchUpdater(torch.optim.Adam(gui.parameters(), lr=1e-3))
+    cfg = CSDConfig(fcs_draws=3)
+    m = guidance_step(gui, up, gen, torch.zeros(8, dtype=torch.long), cfg, rng=torch.Generator().manual_seed(0))
+    assert torch.isfinite(m["loss_fcs"]) and _changed(p_before, gui) and not _changed(g_before, gen)
+    assert all(p.grad is None for p in gen.parameters())
+
+
+def test_generator_step_gives_the_guidance_no_gradient(nets):
+    teacher, model = nets
+    gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+    for p in gui.head.parameters():  # make guidance differ from the teacher so CSD has a signal
+        p.data.add_(0.05 * torch.randn_like(p))
+    g_before, p_before = _params(gen), _params(gui)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=1e-3))
+    for snap in (False, True):
+        cfg = CSDConfig(snap_prefix=snap)
+        m = generator_step(gen, up, gui, teacher, torch.zeros(8, dtype=torch.long), cfg, rng=torch.Generator())
+        assert torch.isfinite(m["loss_csd"])
+    assert _changed(g_before, gen) and not _changed(p_before, gui)
+    assert all(p.grad is None for p in gui.parameters())
+    assert all(p.requires_grad for p in gui.parameters())  # frozen only during the step
+
+
+def test_csd_round_runs_k_guidance_updates_and_is_seeded(nets):
+    teacher, model = nets
+
+    def run():
+        gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+        gen_up, gui_up = CountingUpdater(gen.parameters()), CountingUpdater(gui.parameters())
+        rng = torch.Generator().manual_seed(5)
+        m = csd_round(gen, gen_up, gui, gui_up, teacher, lambda: torch.zeros(4, dtype=torch.long),
+                      CSDConfig(guidance_updates=3), rng=rng)  # fmt: skip
+        return gen_up.steps, gui_up.steps, m
+
+    a, b = run(), run()
+    assert a[:2] == (1, 3)
+    assert torch.equal(a[2]["loss_csd"], b[2]["loss_csd"]) and torch.equal(a[2]["loss_fcs"], b[2]["loss_fcs"])
+
+
+def test_regression_step_fits_targets(nets):
+    _, model = nets
+    gen = OneStepGenerator.from_ar_diffusion(model)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=3e-3))
+    g = torch.Generator().manual_seed(0)
+    noise, target = torch.randn(32, 3, 2, generator=g), torch.randn(32, 3, 2, generator=g)
+    labels = torch.zeros(32, dtype=torch.long)
+    first = regression_step(gen, up, noise, target, labels)["loss_reg"]
+    for _ in range(30):
+        last = regression_step(gen, up, noise, target, labels)["loss_reg"]
+    assert last < first
+
+
+def test_ema_progressive_rule():
+    assert ema_decay(0) == pytest.approx(0.1)
+    assert ema_decay(90) == pytest.approx(0.91)
+    assert ema_decay(10**7) == 0.9999
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    a0 = a.weight.detach().clone()
+    d = ema_update(a, b, step=8)
+    torch.testing.assert_close(a.weight, d * a0 + (1 - d) * b.weight)
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValidationError, match="t_min < t_max"):
+        CSDConfig(t_min=0.9, t_max=0.5)
+    with pytest.raises(ValidationError, match="guidance_updates"):
+        CSDConfig(guidance_updates=0)
+    with pytest.raises(ValidationError, match="extra"):
+        GTSConfig(tmin=0.1)
