@@ -27,6 +27,7 @@ from dd2_train.steps import (
     csd_round,
     ema_update,
     gts_step,
+    guidance_step,
     regression_step,
 )
 
@@ -141,6 +142,7 @@ def train_csd(
     lr_generator: float,
     lr_guidance: float,
     warmup_steps: int = 0,
+    guidance_prefit: int = 0,
     ema_max_decay: float = 0.9999,
     seconds: float | None = None,
     rng: torch.Generator | None = None,
@@ -149,7 +151,9 @@ def train_csd(
 ) -> tuple[OneStepGenerator, LoopResult]:
     """Stage `csd`: `steps` rounds of K guidance updates + one generator update; returns the EMA generator.
 
-    `on_round(round, generator, ema)` is called after every round (evaluation hooks of experiments).
+    `guidance_prefit` FCS updates of the guidance alone come first, with the generator frozen (like the paper's
+    performance alignment, App. C.3): psi starts as a copy of A, i.e. near the *teacher*, and CSD has no signal until
+    psi describes the generator. `on_round(round, generator, ema)` is called after every round (evaluation hooks).
     """
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     gen_opt, gui_opt = adam(generator.parameters(), lr_generator), adam(guidance.parameters(), lr_guidance)
@@ -160,6 +164,8 @@ def train_csd(
     t0, step, metrics = time.perf_counter(), 0, {}
     generator.train()
     guidance.train()
+    for _ in range(guidance_prefit):
+        guidance_step(guidance, gui_up, generator, next_labels(), cfg, codebook=teacher.codebook, rng=rng)
     while _budget_left(t0, step, steps, seconds):
         metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng)
         ema_update(ema, generator, step, ema_max_decay)
