@@ -45,7 +45,7 @@ _BACKBONES: dict[str, tuple[str, str, str]] = {
 # decoder -> (module, class, config class); decode_tokens(tokens (B, N, C)) -> images (B, 3, H, W) in [-1, 1]
 _DECODERS: dict[str, tuple[str, str, str]] = {
     "llamagen_vq": ("dd2_core.models.llamagen_vq", "LlamaGenVQ", "VQConfig"),
-    "var_vqvae": ("dd2_core.models.var_vqvae", "VQVAE", "VQVAEConfig"),
+    "var_vqvae": ("dd2_core.models.var_vqvae", "VARVQVAE", "VARVQVAEConfig"),
 }
 
 
