@@ -86,3 +86,24 @@ def test_bad_folders_and_labels(tmp_path):
     (tmp_path / "p" / "generator.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="could not be read"):
         read_state_dict(tmp_path / "p" / "generator.safetensors")
+
+
+def test_var_pipeline_round_trip(tmp_path):
+    from dd2_core.models.var import VARBackbone, VARBackboneConfig, VARConfig
+    from dd2_core.models.var_vqvae import VARVQVAE, VARVQVAEConfig
+
+    torch.manual_seed(0)
+    pn = (1, 2, 3, 4)
+    var_cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=3, vocab_size=16, token_dim=4, patch_nums=pn)
+    bb_cfg = VARBackboneConfig(var=var_cfg)
+    vq_cfg = VARVQVAEConfig(vocab_size=16, token_dim=4, ch=32, ch_mult=(1, 2), patch_nums=pn)
+    head = HeadConfig(token_dim=4, cond_dim=32, width=16, depth=1)
+    gen = OneStepGenerator(ARDiffusion(VARBackbone(bb_cfg), VelocityHead(head)))
+    pipe = OneStepPipeline.from_models(
+        gen, family="var", backbone_config=bb_cfg, decoder=VARVQVAE(vq_cfg), decoder_name="var_vqvae",
+        decoder_config=vq_cfg,
+    )  # fmt: skip
+    out = pipe([0, 2], seed=1)
+    assert out.tokens.shape == (2, 30, 4) and out.images.dtype == torch.uint8
+    pipe.save_pretrained(tmp_path / "v")
+    assert torch.equal(OneStepPipeline.from_pretrained(tmp_path / "v")([0, 2], seed=1).images, out.images)
