@@ -71,6 +71,8 @@ class ProofConfig(BaseModel):
     regression_lr: float = 1e-3
     eval_samples: int = Field(20000, ge=1)
     ar_steps: int = Field(20, ge=1, description="Euler steps per token when sampling model A")
+    guidance_prefit: int = Field(0, ge=0, description="FCS updates of psi alone before CSD (see loop.train_csd)")
+    with_dd1: bool = Field(True, description="also run the DD1-style regression and the warm-started DD2")
 
 
 PRESETS: dict[str, dict] = {
@@ -123,30 +125,37 @@ def run_proof(cfg: ProofConfig) -> dict:
     ema, res = train_csd(
         generator, guidance, teacher, cfg.csd, steps=cfg.csd_steps, batch=cfg.batch,
         lr_generator=cfg.lr_generator, lr_guidance=cfg.lr_guidance, seconds=cfg.csd_seconds, rng=rng,
+        guidance_prefit=cfg.guidance_prefit,
     )  # fmt: skip
     out["dd2"] = res.__dict__
     out["tv"]["dd2"] = generator_tv(ema, teacher, p_t, cfg.eval_samples, rng)
     out["tv"]["dd2_raw"] = generator_tv(generator, teacher, p_t, cfg.eval_samples, rng)
     dd2_seconds = res.seconds
+    if not cfg.with_dd1:
+        return out
 
+    # Equal compute: the wall time of DD2's CSD stage is the budget of each variant below, and making the flow-map
+    # pairs (DD1's dataset) is charged to the variants that use them.
     tic = time.perf_counter()
     pairs = flow_map_pairs(teacher, cfg.warm_pairs, rng=rng)
-    out["seconds"]["flow_map_pairs"] = time.perf_counter() - tic
+    pair_seconds = out["seconds"]["flow_map_pairs"] = time.perf_counter() - tic
+    budget = max(1.0, dd2_seconds - pair_seconds)
 
-    # DD1-style regression with the same wall time as DD2's CSD (pairs' generation not counted)
+    # DD1-style: regression onto the teacher's flow map, from the same initialisation (model A)
     reg = OneStepGenerator.from_ar_diffusion(model_a)
-    res = train_regression(reg, pairs, steps=10**9, batch=cfg.batch, lr=cfg.regression_lr, seconds=dd2_seconds, rng=rng)
+    res = train_regression(reg, pairs, steps=10**9, batch=cfg.batch, lr=cfg.regression_lr, seconds=budget, rng=rng)
     out["regression"] = res.__dict__
     out["tv"]["regression"] = generator_tv(reg, teacher, p_t, cfg.eval_samples, rng)
 
-    # DD2 after a regression warm start; warm start + CSD get the same total wall time as DD2 above
+    # DD2 after a regression warm start (not in the paper): warm start + CSD share the same budget
     warm = OneStepGenerator.from_ar_diffusion(model_a)
     res_w = train_regression(warm, pairs, steps=cfg.warm_steps, batch=cfg.batch, lr=cfg.regression_lr, rng=rng)
     out["tv"]["warm_start_only"] = generator_tv(warm, teacher, p_t, cfg.eval_samples, rng)
-    left = max(1.0, dd2_seconds - res_w.seconds)
+    left = max(1.0, budget - res_w.seconds)
     ema_w, res = train_csd(
         warm, copy.deepcopy(model_a), teacher, cfg.csd, steps=10**9, batch=cfg.batch,
         lr_generator=cfg.lr_generator, lr_guidance=cfg.lr_guidance, seconds=left, rng=rng,
+        guidance_prefit=cfg.guidance_prefit,
     )  # fmt: skip
     out["dd2_warm"] = {"warm": res_w.__dict__, "csd": res.__dict__}
     out["tv"]["dd2_warm"] = generator_tv(ema_w, teacher, p_t, cfg.eval_samples, rng)

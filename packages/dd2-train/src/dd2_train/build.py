@@ -1,0 +1,169 @@
+"""Networks of a run from its teacher section: the teacher, the AR-diffusion model A, the adapt model, the tokenizer.
+
+One function per family and role; the families' own code lives in dd2_teachers and dd2_core.models:
+
+    toy        dd2_teachers.toy.ToyTeacher (folder written by ToyTeacher.save) + TransformerBackbone
+    llamagen   dd2_teachers.llamagen.LlamaGenTeacher (GPT .pt + VQ-16) + LlamaGenBackbone; the continuous-input
+               teacher is the adapt stage's output (<run_dir>/adapt/teacher/gpt.safetensors) when present
+    var        dd2_teachers.var.VARTeacher (var_dNN.pth + VQVAE) + VARBackbone
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dd2_core.checkpoint import CheckpointError, load_strict, read_state_dict, save_safetensors
+from dd2_core.diffusion import ARDiffusion
+from dd2_core.errors import DD2Error
+from dd2_core.heads import HeadConfig, VelocityHead
+from dd2_train.config import ConfigError, HeadSpec, TeacherSpec
+
+logger = logging.getLogger(__name__)
+
+ADAPTED_DIR = "teacher"  # inside the adapt stage folder
+_LLAMAGEN_SIZES = {"B": "GPT-B", "L": "GPT-L", "XL": "GPT-XL", "XXL": "GPT-XXL", "3B": "GPT-3B"}
+
+
+def adapted_folder(spec: TeacherSpec, run_dir: Path) -> Path | None:
+    """The adapt stage's output folder to load the teacher from, or None (use `teacher.ckpt` as is)."""
+    if spec.adapted is not None:
+        folder = spec.adapted / ADAPTED_DIR
+        if not folder.is_dir():
+            raise ConfigError(
+                f"teacher.adapted: {str(spec.adapted)!r} holds no {ADAPTED_DIR}/ folder (the adapt stage writes it)"
+            )
+        return folder
+    if spec.family == "llamagen":
+        folder = run_dir / "adapt" / ADAPTED_DIR
+        if folder.is_dir():
+            return folder
+        logger.warning(
+            "LlamaGen teacher without the adapt stage's output (%s): cont_embed is only fitted to the token table, "
+            "which is lossy (method.md 5.3); run the adapt stage first",
+            folder,
+        )
+    return None
+
+
+def build_teacher(spec: TeacherSpec, *, device: torch.device, dtype: torch.dtype, run_dir: Path) -> nn.Module:
+    """The frozen teacher (eval, no gradients), with `spec.policy` if set. Errors name the config field."""
+    adapted = adapted_folder(spec, run_dir)
+    try:
+        if spec.family == "toy":
+            from dd2_teachers.toy import ToyTeacher
+
+            teacher = ToyTeacher.load(adapted or spec.ckpt, device=device)
+        elif spec.family == "llamagen":
+            from dd2_teachers.llamagen import LlamaGenTeacher, llamagen_teacher_config
+
+            overrides = {"policy": spec.policy} if spec.policy is not None else {}
+            cfg = llamagen_teacher_config(_LLAMAGEN_SIZES[spec.size], **overrides)
+            gpt = adapted / "gpt.safetensors" if adapted is not None else spec.ckpt
+            teacher = LlamaGenTeacher.from_checkpoints(cfg, gpt, spec.vq_ckpt, device=device)
+        else:
+            from dd2_teachers.var import VARTeacher, var_teacher_config
+
+            overrides = {"policy": spec.policy} if spec.policy is not None else {}
+            cfg = var_teacher_config(int(spec.size[1:]), **overrides)
+            teacher = VARTeacher.from_checkpoints(cfg, spec.ckpt, spec.vq_ckpt, device=device)
+    except (OSError, DD2Error) as e:
+        raise ConfigError(
+            f"teacher.ckpt: the {spec.family} {spec.size} teacher cannot be built from {str(spec.ckpt)!r}: {e}"
+        ) from e
+    if spec.policy is not None:
+        teacher.policy = spec.policy
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher.to(device=device, dtype=dtype) if spec.family == "toy" else teacher.to(device)
+
+
+def build_ar_diffusion(teacher: nn.Module, spec: TeacherSpec, head: HeadSpec) -> ARDiffusion:
+    """Model A before GTS: the teacher's backbone weights and a fresh velocity head (fp32, on the teacher's device)."""
+    if spec.family == "toy":
+        from dd2_core.backbone import TransformerBackbone
+
+        backbone = TransformerBackbone(teacher.cfg.backbone_config())
+        backbone.load_state_dict(teacher.backbone.state_dict())
+    elif spec.family == "llamagen":
+        from dd2_core.models.llamagen import LlamaGenBackbone
+
+        backbone = LlamaGenBackbone.from_teacher(teacher.model)
+    else:
+        from dd2_core.models.var import VARBackbone
+
+        backbone = VARBackbone.from_teacher(teacher.var, teacher.vqvae)
+    device = teacher.codebook.device
+    backbone = backbone.to(device=device, dtype=torch.float32)
+    cfg = HeadConfig(token_dim=backbone.token_dim, cond_dim=backbone.feature_dim, width=head.width, depth=head.depth)
+    return ARDiffusion(backbone, VelocityHead(cfg).to(device))
+
+
+class ToyContinuousAR(nn.Module):
+    """The toy teacher seen as a continuous-input AR model: forward_continuous = teacher-forced logits."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward_continuous(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """Shapes: tokens (B, N, C), labels (B,) -> logits (B, N, V)."""
+        return self.teacher.logits(tokens, labels)
+
+
+def build_adapt_model(teacher: nn.Module, spec: TeacherSpec) -> nn.Module:
+    """The network the adapt stage trains (fp32, trainable): it has `forward_continuous(tokens, labels)`."""
+    model = ToyContinuousAR(teacher) if spec.family == "toy" else teacher.model
+    if spec.family == "var":
+        raise ConfigError("stage: 'adapt' is LlamaGen's continuous-input adaptation; VAR needs none")
+    model.float().requires_grad_(True).train()
+    return model
+
+
+def save_adapted_teacher(weights: dict[str, Tensor], teacher: nn.Module, spec: TeacherSpec, folder: Path) -> None:
+    """Write the adapted teacher where `adapted_folder` finds it (rank 0). `weights` is the full fp32 state_dict
+    of the adapt model (`build_adapt_model`): toy keys under `teacher.`, LlamaGen GPT keys as they are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.family == "toy":
+        from dd2_teachers.toy import ToyTeacher
+
+        adapted = ToyTeacher(teacher.cfg)
+        load_strict(adapted, {k.removeprefix("teacher."): v for k, v in weights.items()}, expected="the toy teacher")
+        adapted.save(folder)
+    else:
+        save_safetensors(weights, folder / "gpt.safetensors")
+
+
+@dataclass
+class Tokenizer:
+    """Images in [-1, 1] -> ids, for `python -m dd2_train.data tokenize`."""
+
+    encode: object
+    resolution: int
+    vocab_size: int
+    num_tokens: int
+
+
+def build_tokenizer(spec: TeacherSpec, *, device: torch.device | str) -> Tokenizer:
+    """LlamaGen's VQ-16 encoder (the adapt stage trains on real image codes; no other family needs them)."""
+    if spec.family != "llamagen":
+        raise ConfigError(f"teacher.family: tokenizing images is for LlamaGen's adapt stage, got {spec.family!r}")
+    if spec.vq_ckpt is None:
+        raise ConfigError("teacher.vq_ckpt: the VQ tokenizer checkpoint is needed to tokenize images")
+    from dd2_core.models.llamagen_vq import VQ_PRESETS, LlamaGenVQ
+
+    cfg = VQ_PRESETS["VQ-16"]()
+    vq = LlamaGenVQ(cfg)
+    try:
+        load_strict(vq, read_state_dict(spec.vq_ckpt), expected="LlamaGen VQ-16", source=str(spec.vq_ckpt))
+    except (OSError, CheckpointError) as e:
+        raise ConfigError(f"teacher.vq_ckpt: {e}") from e
+    vq.to(device).eval().requires_grad_(False)
+    grid = 16  # 256 px checkpoints (c2i_*_256.pt)
+    return Tokenizer(
+        encode=vq.encode, resolution=grid * cfg.downsample, vocab_size=cfg.codebook_size, num_tokens=grid * grid
+    )

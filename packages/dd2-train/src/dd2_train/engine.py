@@ -1,0 +1,286 @@
+"""Everything DeepSpeed: process group, ZeRO engines, frozen (optionally sharded) modules, engine checkpoints.
+
+The only dd2 module that imports deepspeed (STYLE.md 2.6). A DeepSpeed engine is itself the `Updater` of the
+step functions (`engine.backward(loss)`; `engine.step()` steps the optimizer, clips, zeroes the gradients and
+advances the LR schedule at gradient-accumulation boundaries only), and `engine.module` is the model they train.
+
+Accelerator: DeepSpeed picks it (CUDA on GPU machines, CPU + gloo elsewhere; CI sets DS_ACCELERATOR=cpu in its
+environment). Precision: bf16 on GPU, fp32 on CPU (`resolve_precision`). Optimizer: torch's AdamW through
+`"torch_adam": true` (no JIT build), β = (0.9, 0.95), linear warm-up from `warmup_start_lr` (DeepSpeed WarmupLR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(local_rank: int | None = None) -> DistInfo:
+    """Join (or create) the process group. Without a launcher, runs as a world of one on a free local port."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if local_rank is None or local_rank < 0:  # torchrun sets LOCAL_RANK; the deepspeed launcher passes --local_rank
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" not in os.environ:  # plain `python run.py`: a single-process world
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank), MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on an accelerator, 'fp32' on CPU (DeepSpeed has no fp16/bf16 mixed precision win there)."""
+    if precision != "auto":
+        return precision
+    return "fp32" if accelerator_name() == "cpu" else "bf16"
+
+
+def barrier() -> None:
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":  # name the device: NCCL otherwise guesses (and warns)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the process group at the end of a run (`wait`: after a barrier, so that no rank leaves early)."""
+    if dist.is_initialized():
+        if wait:
+            barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value of a picklable object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True only if `ok` holds on every rank (a collective; use it so that all ranks fail together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What one DeepSpeed engine needs; the trainer fills it from the stage config."""
+
+    lr: float  # end learning rate
+    warmup_start_lr: float
+    warmup_steps: int  # optimizer steps of this engine
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float  # 0 = off
+    zero_stage: int
+    precision: str  # "bf16" | "fp32"
+    micro_batch: int  # per rank per micro-step
+    grad_accum: int
+    world_size: int
+
+
+def deepspeed_config(spec: EngineSpec) -> dict[str, Any]:
+    """The DeepSpeed config dict of one engine (train_batch_size = micro x accumulation x world)."""
+    cfg: dict[str, Any] = {
+        "train_batch_size": spec.micro_batch * spec.grad_accum * spec.world_size,
+        "train_micro_batch_size_per_gpu": spec.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "optimizer": {
+            "type": "Adam",
+            "params": {
+                "lr": spec.lr,
+                "betas": list(spec.betas),
+                "eps": 1e-8,
+                "weight_decay": spec.weight_decay,
+                "torch_adam": True,  # torch.optim.AdamW: no FusedAdam/CPUAdam JIT build
+                "adam_w_mode": True,
+            },
+        },
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if spec.zero_stage == 3:
+        cfg["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+    if spec.warmup_steps > 0:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": spec.warmup_start_lr,
+                "warmup_max_lr": spec.lr,
+                "warmup_num_steps": spec.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    return cfg
+
+
+def build_engine(module: nn.Module, spec: EngineSpec):
+    """Wrap `module` in a DeepSpeed engine training its `requires_grad` parameters. Returns the engine."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"build_engine: {type(module).__name__} has no trainable parameter")
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=params, config=deepspeed_config(spec), dist_init_required=False
+    )
+    return engine
+
+
+def freeze(module: nn.Module, *, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen network in eval mode (teacher, fixed generator): no gradients, no optimizer, replicated."""
+    module.requires_grad_(False)
+    module.eval()  # inference behaviour (no dropout) for the whole run
+    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+
+
+def shard_frozen(module: nn.Module, *, precision: str, world_size: int):
+    """A frozen network partitioned with ZeRO-3 across ranks (parameters gathered layer by layer in forward).
+
+    Returns the engine; call `engine.module` (its parameters are partitioned in place).
+    """
+    import deepspeed
+
+    module.requires_grad_(False)
+    module.eval()
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1 << 30,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=module, config=cfg, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
+    """Full parameters of a ZeRO-3 module inside the block (read-only); a no-op for stages 0-2."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def enable_activation_checkpointing(module: nn.Module) -> int:
+    """Recompute every transformer block of `module` in backward (torch non-reentrant checkpointing).
+
+    Blocks are the children of every nn.ModuleList named `blocks` or `layers`; their `forward` is wrapped in
+    place, so parameter names (and checkpoints) do not change. Returns how many blocks were wrapped.
+    """
+    count = 0
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layers"):
+            for block in child:
+                forward = block.forward
+
+                @functools.wraps(forward)
+                def wrapped(*args, _forward=forward, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _forward(*args, **kwargs)
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+                block.forward = wrapped
+                count += 1
+    if count == 0:
+        raise ValueError(f"activation checkpointing: {type(module).__name__} has no `blocks`/`layers` ModuleList")
+    return count
+
+
+def save_engine(engine, folder: Path, tag: str) -> None:
+    """Collective: every rank writes its part of the engine (model, optimizer, LR schedule) to folder/tag/."""
+    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+
+def load_engine(engine, folder: Path, tag: str) -> None:
+    """Collective: restore model, optimizer and LR-schedule states written by `save_engine`."""
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"{folder}/{tag}: no DeepSpeed checkpoint there")
+
+
+def engine_fp32_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a saved engine (master weights of any ZeRO stage), on CPU, without an engine."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress with print()
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def engine_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def engine_global_steps(engine) -> int:
+    """Optimizer steps taken by the engine (its LR-schedule position)."""
+    return int(engine.global_steps)

@@ -1,0 +1,67 @@
+"""`export`: a csd/align checkpoint -> a pipeline folder that `dd2_core.pipeline.OneStepPipeline` loads.
+
+The generator weights are the EMA (export.use_ema, the paper's evaluated weights) or the raw generator; the decoder
+is the teacher family's VQ decoder (none for the toy teacher, whose tokens are the output). `teacher_ref.json`
+records which teacher (and sampling policy) the generator was distilled from, for teacher-refined sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from dd2_core.generator import OneStepGenerator
+from dd2_core.pipeline import OneStepPipeline
+from dd2_train.build import build_ar_diffusion, build_teacher
+from dd2_train.checkpoint import module_weights, read_manifest
+from dd2_train.config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _generator_weights(step_dir: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    modules = read_manifest(step_dir)["modules"]
+    name = "ema" if use_ema else "generator"
+    if name not in modules:
+        raise ConfigError(
+            f"export.init_from: {step_dir} holds {sorted(modules)}, no {name!r}; export reads a csd or align run"
+        )
+    return module_weights(step_dir, name)
+
+
+def export_pipeline(cfg: TrainConfig, step_dir: Path, out: Path, *, device: torch.device | str = "cpu") -> Path:
+    """Write the pipeline folder `out` from checkpoint `step_dir`; returns `out`."""
+    teacher = build_teacher(cfg.teacher, device=torch.device(device), dtype=torch.float32, run_dir=cfg.run_dir)
+    generator = OneStepGenerator(build_ar_diffusion(teacher, cfg.teacher, cfg.head))
+    generator.load_state_dict(_generator_weights(step_dir, cfg.export.use_ema))
+    backbone = generator.backbone
+    if cfg.teacher.family == "toy":
+        family, backbone_cfg, decoder, decoder_name, decoder_cfg = "transformer", backbone.cfg, None, "none", None
+    elif cfg.teacher.family == "llamagen":
+        family, backbone_cfg = "llamagen", backbone.cfg
+        decoder, decoder_name, decoder_cfg = teacher.vq, "llamagen_vq", teacher.vq.cfg
+    else:
+        family, backbone_cfg = "var", backbone.cfg
+        decoder, decoder_name, decoder_cfg = teacher.vqvae, "var_vqvae", teacher.vqvae.cfg
+    pipe = OneStepPipeline.from_models(
+        generator.cpu().float(),
+        family=family,
+        backbone_config=backbone_cfg,
+        decoder=decoder.cpu().float() if decoder is not None else None,
+        decoder_name=decoder_name,
+        decoder_config=decoder_cfg,
+    )
+    teacher_ref = {
+        "family": cfg.teacher.family,
+        "size": cfg.teacher.size,
+        "ckpt": str(cfg.teacher.ckpt),
+        "vq_ckpt": str(cfg.teacher.vq_ckpt) if cfg.teacher.vq_ckpt is not None else None,
+        "policy": teacher.policy.model_dump(mode="json"),
+        "source_checkpoint": str(step_dir),
+        "weights": "ema" if cfg.export.use_ema else "generator",
+    }
+    pipe.save_pretrained(out, teacher_ref=teacher_ref)
+    logger.info("exported %s weights of %s to %s", teacher_ref["weights"], step_dir, out)
+    return out

@@ -1,0 +1,671 @@
+"""The DeepSpeed driver: runs the stages of a TrainConfig with the step functions of `dd2_train.steps`.
+
+    train(cfg)                     process group, checks before any work, then each selected stage in order
+      run_adapt     adapt_step     on image-code shards                   -> <stage>/teacher/ (adapted teacher)
+      run_gen_data  teacher.sample                                        -> <run_dir>/gen-data/shards/*.tar
+      run_gts       gts_step       on teacher-sample shards               -> model A (engine "model")
+      run_csd       K x grad_accum guidance_step, grad_accum generator_step, EMA
+                                                                          -> engines "generator", "guidance", ema
+      run_align     guidance_step with the generator frozen at its EMA    -> engine "guidance", generator, ema
+      run_export    dd2_train.export                                      -> pipeline folder
+
+The algorithm is only in `dd2_train.steps`: a DeepSpeed engine is the step's updater and `engine.module` its
+model. `engine.step()` steps the optimizer only at gradient-accumulation boundaries, so one optimizer step is
+`grad_accum` step-function calls, and K guidance updates are K x grad_accum guidance_step calls.
+
+Every stage writes `<run_dir>/<name>/` (dd2_train.checkpoint) and resumes from its latest complete checkpoint when
+the same command is run again: engines (weights, optimizer, LR schedule), EMA, per-rank RNG states and the data
+stream's position are restored, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dd2_core.checkpoint import read_state_dict, save_safetensors
+from dd2_core.generator import OneStepGenerator
+from dd2_train import engine as eng
+from dd2_train.build import (
+    ADAPTED_DIR,
+    build_adapt_model,
+    build_ar_diffusion,
+    build_teacher,
+    save_adapted_teacher,
+)
+from dd2_train.checkpoint import (
+    RunFolder,
+    capture_rng,
+    load_rank_state,
+    module_weights,
+    read_manifest,
+    resolve_checkpoint,
+    restore_rng,
+    save_rank_state,
+    write_json,
+)
+from dd2_train.config import ConfigError, OptimSpec, TrainConfig, check_config, default_input
+from dd2_train.data import TokenStream, derive_seed, expand_shards, read_shard_meta, write_teacher_samples
+from dd2_train.logs import MetricsLogger, Throughput, setup_logging
+from dd2_train.steps import (
+    CSDConfig,
+    GTSConfig,
+    adapt_step,
+    ema_update,
+    generator_step,
+    gts_step,
+    guidance_step,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What every stage needs: the config, the process, its folder and RNG."""
+
+    cfg: TrainConfig
+    stage: str
+    dist: eng.DistInfo
+    folder: RunFolder
+    precision: str
+    rng: torch.Generator  # this rank's generator for noise, labels and t (saved in checkpoints)
+    metrics: MetricsLogger | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16: engines hold bf16 weights, and autocast keeps fp32 inputs (noise, codes) compatible with them."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+# -- entry ---------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, local_rank: int | None = None) -> None:
+    """Run the configured stage(s). Config problems are raised on every rank before any work starts."""
+    dist = eng.init_distributed(local_rank)
+    setup_logging(dist.rank)
+    error = None
+    try:
+        check_config(cfg, dist.world_size)
+    except ConfigError as e:
+        error = e
+    if not eng.all_ranks_ok(error is None):
+        raise error or ConfigError("invalid config on another rank (see its log)")
+    precision = eng.resolve_precision(cfg.deepspeed.precision)
+    if precision == "bf16" and dist.device.type == "cpu":
+        logger.warning("bf16 on CPU is slow and not what CI tests; deepspeed.precision=auto picks fp32 there")
+    logger.info(
+        "dd2 train: stages %s, world %d, device %s, precision %s, ZeRO %d, torch %s, deepspeed %s",
+        cfg.stages,
+        dist.world_size,
+        dist.device.type,
+        precision,
+        cfg.deepspeed.zero_stage,
+        torch.__version__,
+        eng.deepspeed_version(),
+    )
+    try:
+        for stage in cfg.stages:
+            run_stage(cfg, stage, dist, precision)
+    except BaseException:
+        eng.shutdown(wait=False)  # no barrier: another rank may be gone
+        raise
+    eng.shutdown()
+
+
+STAGES: dict[str, Callable[[StageContext], None]] = {}
+
+
+def run_stage(cfg: TrainConfig, stage: str, dist: eng.DistInfo, precision: str) -> None:
+    folder = RunFolder(cfg.stage_dir(stage))
+    setup_logging(dist.rank, folder.path)
+    if dist.is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.remove_partial()
+        snapshot = cfg.model_dump(mode="json")
+        old = folder.path / "config.json"
+        if old.is_file():
+            changed = _diff(json.loads(old.read_text()), snapshot)
+            if changed:
+                logger.warning("config differs from the snapshot of the previous run in %s: %s", folder.path, changed)
+        write_json(old, snapshot)
+    eng.barrier()
+    rng = torch.Generator(device=dist.device).manual_seed(derive_seed(cfg.seed, stage, "loop", dist.rank))
+    ctx = StageContext(cfg, stage, dist, folder, precision, rng)
+    logger.info("stage %s -> %s", stage, folder.path)
+    STAGES[stage](ctx)
+    eng.barrier()
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _seed_models(cfg: TrainConfig, stage: str) -> None:
+    """Identical initial weights on every rank (fresh heads draw from the global RNG)."""
+    torch.manual_seed(derive_seed(cfg.seed, stage, "init"))
+
+
+def _seed_rank(ctx: StageContext) -> None:
+    """Per-rank global RNG for anything not drawing from ctx.rng."""
+    torch.manual_seed(derive_seed(ctx.cfg.seed, ctx.stage, "global", ctx.dist.rank))
+
+
+# -- engines -------------------------------------------------------------------------------------------------------
+def _spec(ctx: StageContext, optim: OptimSpec, batch_size: int, grad_accum: int) -> eng.EngineSpec:
+    return eng.EngineSpec(
+        lr=optim.lr,
+        warmup_start_lr=optim.warmup_start_lr,
+        warmup_steps=optim.warmup_steps,
+        betas=optim.betas,
+        weight_decay=optim.weight_decay,
+        grad_clip=optim.grad_clip,
+        zero_stage=ctx.cfg.deepspeed.zero_stage,
+        precision=ctx.precision,
+        micro_batch=batch_size // (grad_accum * ctx.dist.world_size),
+        grad_accum=grad_accum,
+        world_size=ctx.dist.world_size,
+    )
+
+
+def _engine(ctx: StageContext, module: nn.Module, spec: eng.EngineSpec, name: str):
+    if ctx.cfg.deepspeed.activation_checkpointing:
+        target = module.model.backbone if isinstance(module, OneStepGenerator) else getattr(module, "backbone", module)
+        n = eng.enable_activation_checkpointing(target)
+        logger.info("%s: activation checkpointing on %d blocks", name, n)
+    engine = eng.build_engine(module, spec)
+    n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters() if p.requires_grad)
+    logger.info(
+        "%s: %.2fM trainable parameters, micro-batch %d x accumulation %d x world %d, lr %.2e (warm-up %d steps)",
+        name,
+        n_train / 1e6,
+        spec.micro_batch,
+        spec.grad_accum,
+        spec.world_size,
+        spec.lr,
+        spec.warmup_steps,
+    )
+    return engine
+
+
+def _teacher(ctx: StageContext) -> nn.Module:
+    """The frozen fp32 teacher, replicated; `_place_teacher` once the trained networks are built from it."""
+    return build_teacher(ctx.cfg.teacher, device=ctx.device, dtype=torch.float32, run_dir=ctx.cfg.run_dir)
+
+
+def _place_teacher(ctx: StageContext, teacher: nn.Module) -> None:
+    """ZeRO-3-partition the teacher's transformer (teacher.shard) or, on bf16 runs, cast it to bf16."""
+    cfg = ctx.cfg
+    # the transformer only: codebooks and tokenizers stay fp32 and replicated
+    net = {"toy": teacher, "llamagen": getattr(teacher, "model", None), "var": getattr(teacher, "var", None)}[
+        cfg.teacher.family
+    ]
+    if cfg.teacher.shard:
+        ctx.extra["teacher_engine"] = eng.shard_frozen(net, precision=ctx.precision, world_size=ctx.dist.world_size)
+        logger.info("teacher: ZeRO-3 partitioned over %d ranks", ctx.dist.world_size)
+    elif ctx.precision == "bf16" and cfg.teacher.family != "toy":
+        net.to(torch.bfloat16)  # runs under autocast; logits and log-probs are computed in fp32
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    ctx: StageContext,
+    step: int,
+    *,
+    engines: Mapping[str, Any],
+    files: Mapping[str, nn.Module] | None = None,
+    stream: TokenStream | None = None,
+    state: Mapping[str, Any] | None = None,
+) -> None:
+    """Collective: write `checkpoints/step_N/` atomically (dd2_train.checkpoint) with everything resume needs."""
+    folder = ctx.folder
+    if ctx.dist.is_main:
+        folder.begin(step)
+    eng.barrier()
+    tmp = folder.tmp_path(step)
+    for name, engine in engines.items():
+        eng.save_engine(engine, tmp, name)
+    modules: dict[str, dict] = {name: {"kind": "engine"} for name in engines}
+    for name, module in (files or {}).items():
+        modules[name] = {"kind": "file", "file": f"{name}.safetensors"}
+        if ctx.dist.is_main:
+            save_safetensors(module.state_dict(), tmp / f"{name}.safetensors")
+    rank_state = {"rng": capture_rng(ctx.rng), "data": stream.state_dict() if stream is not None else None}
+    save_rank_state(tmp, ctx.dist.rank, rank_state)
+    eng.barrier()
+    if ctx.dist.is_main:
+        manifest = {
+            "stage": ctx.stage,
+            "world_size": ctx.dist.world_size,
+            "zero_stage": ctx.cfg.deepspeed.zero_stage,
+            "modules": modules,
+            "state": dict(state or {}),
+            "time": time.time(),
+        }
+        final = folder.commit(step, manifest, ctx.cfg.checkpoint.keep_last)
+        logger.info("saved checkpoint %s", final)
+    eng.barrier()
+
+
+def load_checkpoint(
+    ctx: StageContext,
+    step_dir: Path,
+    *,
+    engines: Mapping[str, Any],
+    files: Mapping[str, nn.Module] | None = None,
+    stream: TokenStream | None = None,
+) -> dict:
+    """Collective: restore what `save_checkpoint` wrote. Returns the manifest."""
+    manifest = read_manifest(step_dir)
+    if manifest["world_size"] != ctx.dist.world_size:
+        raise ConfigError(
+            f"resume: {step_dir} was written by {manifest['world_size']} ranks, this run has {ctx.dist.world_size}; "
+            "ZeRO partitions need the same world size (or start a new run folder with name=...)"
+        )
+    for name, engine in engines.items():
+        eng.load_engine(engine, step_dir, name)
+    for name, module in (files or {}).items():
+        own = module.state_dict()
+        sd = read_state_dict(step_dir / f"{name}.safetensors")
+        module.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()})
+    rank_state = load_rank_state(step_dir, ctx.dist.rank)
+    restore_rng(rank_state["rng"], ctx.rng)
+    if stream is not None:
+        stream.load_state_dict(rank_state["data"])
+    logger.info("resumed from %s (step %d)", step_dir, manifest["step"])
+    return manifest
+
+
+def _truncate_log(ctx: StageContext, step: int) -> None:
+    """After a resume at `step`, drop log.jsonl records of later steps (they are about to be recomputed)."""
+    path = ctx.folder.path / "log.jsonl"
+    if not ctx.dist.is_main or not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# -- the loop shared by every trained stage ---------------------------------------------------------------------------
+@dataclass
+class _Loop:
+    """Step counting, logging and checkpoint cadence of one stage."""
+
+    ctx: StageContext
+    total: int
+    samples_per_step: int
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        self.speed = Throughput(self.start, self.total, self.samples_per_step)
+        self.ctx.metrics = MetricsLogger(
+            self.ctx.folder.path,
+            stage=self.ctx.stage,
+            rank=self.ctx.dist.rank,
+            device=self.ctx.device,
+            tensorboard=self.ctx.cfg.log.tensorboard,
+        )
+
+    def steps(self) -> Iterator[int]:
+        if self.start >= self.total:
+            logger.info("stage %s already complete (%d/%d steps)", self.ctx.stage, self.start, self.total)
+        return iter(range(self.start, self.total))
+
+    def after(self, step: int, metrics: Mapping[str, Tensor], save: Callable[[int], None]) -> None:
+        """`step` (0-based) just finished: log and save on their cadences (both are collectives)."""
+        done = step + 1
+        cfg = self.ctx.cfg
+        if done % cfg.log.every == 0 or done == self.total:
+            self.ctx.metrics.log(done, self.total, metrics, self.speed.update(done))
+        if done % cfg.checkpoint.every == 0 or done == self.total:
+            save(done)
+
+    def close(self) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.close()
+
+
+def _latest(ctx: StageContext) -> str | None:
+    """Rank 0's view of the stage's latest complete checkpoint, on every rank."""
+    latest = ctx.folder.latest_checkpoint() if ctx.dist.is_main else None
+    return eng.broadcast_object(str(latest) if latest is not None else None)
+
+
+def _resume_or_init(ctx: StageContext, load: Callable[[Path], dict], init: Callable[[], None]) -> int:
+    """Resume from the stage's latest checkpoint if there is one, else initialise. Returns the start step."""
+    latest = _latest(ctx)
+    if latest is None:
+        init()
+        return 0
+    manifest = load(Path(latest))
+    _truncate_log(ctx, manifest["step"])
+    return int(manifest["step"])
+
+
+def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int) -> TokenStream:
+    shards = data.shards if data.shards is not None else default
+    urls = expand_shards(shards)
+    meta = read_shard_meta(urls[0])
+    expected = {"num_tokens": teacher.num_tokens, "vocab_size": teacher.codebook.shape[0]}
+    found = {k: meta.get(k) for k in expected}
+    if found != expected:
+        raise ConfigError(f"{ctx.stage}.data.shards: {urls[0]} holds {found}, but the teacher has {expected}")
+    if meta.get("policy") not in (None, teacher.policy.model_dump(mode="json")):
+        logger.warning(
+            "%s: shards were sampled with policy %s, the teacher's is %s", urls[0], meta["policy"], teacher.policy
+        )
+    return TokenStream(
+        urls,
+        batch_size=micro,
+        num_tokens=teacher.num_tokens,
+        vocab_size=teacher.codebook.shape[0],
+        num_classes=teacher.num_classes,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        skip_corrupt=data.skip_corrupt,
+        seed=derive_seed(ctx.cfg.seed, ctx.stage, "data"),
+    )
+
+
+def _finish_stream(stream: TokenStream) -> None:
+    stream.close()
+    if stream.skipped:
+        logger.warning("data: %d corrupt shards/samples were skipped on this rank (data.skip_corrupt)", stream.skipped)
+
+
+# -- stages ----------------------------------------------------------------------------------------------------------
+def run_adapt(ctx: StageContext) -> None:
+    """Stage 0: AR cross-entropy fine-tuning of the continuous-input teacher (adapt_step) on image codes."""
+    cfg, sec = ctx.cfg, ctx.cfg.adapt
+    _seed_models(cfg, ctx.stage)
+    teacher = build_teacher(cfg.teacher, device=ctx.device, dtype=torch.float32, run_dir=cfg.run_dir)
+    codebook = teacher.codebook.detach().float().clone()
+    model = build_adapt_model(teacher, cfg.teacher)
+    spec = _spec(ctx, sec.optim, sec.batch_size, sec.grad_accum)
+    engine = _engine(ctx, model, spec, "adapt")
+    stream = _stream(ctx, sec.data, None, teacher, spec.micro_batch)
+    _seed_rank(ctx)
+    start = _resume_or_init(
+        ctx, lambda d: load_checkpoint(ctx, d, engines={"model": engine}, stream=stream), lambda: None
+    )
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state={"step": step})
+
+    engine.train()
+    for step in loop.steps():
+        acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            batch = next(stream)
+            ids, labels = batch["ids"].to(ctx.device), batch["labels"].to(ctx.device)
+            with ctx.autocast():
+                m = adapt_step(engine.module, engine, ids, labels, codebook)
+            acc = _accumulate(acc, m, sec.grad_accum)
+        loop.after(step, acc, save)
+    loop.close()
+    _finish_stream(stream)
+    if ctx.dist.is_main:  # from the fp32 master weights of the final checkpoint, not the (bf16) engine module
+        weights = module_weights(ctx.folder.latest_checkpoint(), "model")
+        save_adapted_teacher(weights, teacher, cfg.teacher, ctx.folder.path / ADAPTED_DIR)
+        logger.info("adapted teacher written to %s", ctx.folder.path / ADAPTED_DIR)
+
+
+def _accumulate(acc: dict[str, Tensor], m: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
+    """Mean of the micro-step metrics of one optimizer step (tensor ops only: no sync)."""
+    return {k: acc.get(k, 0) + v / n for k, v in m.items()}
+
+
+def run_gen_data(ctx: StageContext) -> None:
+    """Teacher samples -> shards, every rank in parallel; finished shards are skipped on a re-run."""
+    cfg, sec = ctx.cfg, ctx.cfg.gen_data
+    teacher = _teacher(ctx)
+    _place_teacher(ctx, teacher)
+    out = sec.out_dir or default_input(cfg, "gts")
+    meta = {
+        "kind": "teacher-samples",
+        "teacher": cfg.teacher.family,
+        "size": cfg.teacher.size,
+        "teacher_ckpt": str(cfg.teacher.ckpt),
+        "policy": teacher.policy.model_dump(mode="json"),
+        "num_tokens": teacher.num_tokens,
+        "vocab_size": int(teacher.codebook.shape[0]),
+        "num_classes": teacher.num_classes,
+        "seed": cfg.seed,
+    }
+
+    def sample(labels: Tensor, g: torch.Generator) -> Tensor:
+        with ctx.autocast():
+            return teacher.sample(labels, generator=g)
+
+    counts = write_teacher_samples(
+        sample,
+        out,
+        num_samples=sec.num_samples,
+        shard_size=sec.shard_size,
+        batch_size=sec.batch_size,
+        num_classes=teacher.num_classes,
+        meta=meta,
+        seed=cfg.seed,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        device=ctx.device,
+    )
+    logger.info("gen-data rank %d: %s", ctx.dist.rank, counts)
+    eng.barrier()
+    if ctx.dist.is_main:
+        shards = sorted(p.name for p in out.glob("shard-*.tar"))
+        write_json(
+            out / "index.json", {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
+        )
+        logger.info("gen-data: %d shards, %d samples in %s", len(shards), sec.num_samples, out)
+
+
+def run_gts(ctx: StageContext) -> None:
+    """Stage 1: AR-diffusion tuning with GTS on teacher samples (head only for the first head_only_steps)."""
+    cfg, sec = ctx.cfg, ctx.cfg.gts
+    _seed_models(cfg, ctx.stage)
+    teacher = _teacher(ctx)
+    model = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
+    _place_teacher(ctx, teacher)
+    spec = _spec(ctx, sec.optim, sec.batch_size, sec.grad_accum)
+    engine = _engine(ctx, model, spec, "model")
+    stream = _stream(ctx, sec.data, str(default_input(cfg, "gts")), teacher, spec.micro_batch)
+    _seed_rank(ctx)
+    start = _resume_or_init(
+        ctx, lambda d: load_checkpoint(ctx, d, engines={"model": engine}, stream=stream), lambda: None
+    )
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loss_fields = sec.model_dump(include=set(GTSConfig.model_fields))
+    phase_cfg = {flag: GTSConfig.model_validate(loss_fields | {"head_only": flag}) for flag in (False, True)}
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state={"step": step})
+
+    engine.train()
+    for step in loop.steps():
+        step_cfg = phase_cfg[sec.head_only or step < sec.head_only_steps]
+        acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            batch = next(stream)
+            labels = batch["labels"].to(ctx.device)
+            tokens = teacher.embed(batch["ids"].to(ctx.device)).float()  # (B, N, C)
+            with ctx.autocast():
+                m = gts_step(engine.module, engine, teacher, tokens, labels, step_cfg, rng=ctx.rng)
+            acc = _accumulate(acc, m, sec.grad_accum)
+        loop.after(step, acc | {"lr": torch.tensor(eng.engine_lr(engine))}, save)
+    loop.close()
+    _finish_stream(stream)
+
+
+def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None):
+    """(generator, guidance, ema) before the engines: from model A (gts) or from a csd/align checkpoint."""
+    cfg = ctx.cfg
+    base = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
+    generator = OneStepGenerator.from_ar_diffusion(base)
+    guidance = base
+    ema = None
+    if init_from is not None:
+        step_dir = resolve_checkpoint(init_from)
+        modules = read_manifest(step_dir)["modules"]
+        if "model" in modules:  # a gts checkpoint: A initialises generator and guidance (DD2 3.3)
+            sd = module_weights(step_dir, "model")
+            guidance.load_state_dict(sd)
+            generator.model.load_state_dict(sd)
+        else:
+            generator.load_state_dict(module_weights(step_dir, "generator"))
+            guidance.load_state_dict(module_weights(step_dir, "guidance"))
+            if "ema" in modules:
+                ema = copy.deepcopy(generator)
+                ema.load_state_dict(module_weights(step_dir, "ema"))
+        logger.info("initialised from %s (%s)", step_dir, sorted(modules))
+    if ema is None:
+        ema = copy.deepcopy(generator)
+    ema.requires_grad_(False).eval()
+    return generator, guidance, ema
+
+
+def run_csd(ctx: StageContext) -> None:
+    """Stage 2: K guidance (FCS) updates per generator (CSD) update; the generator's EMA with the progressive rule."""
+    cfg, sec = ctx.cfg, ctx.cfg.csd
+    _seed_models(cfg, ctx.stage)
+    teacher = _teacher(ctx)
+    resuming = _latest(ctx) is not None
+    generator, guidance, ema = _csd_networks(ctx, teacher, None if resuming else default_input(cfg, "csd"))
+    _place_teacher(ctx, teacher)
+    gen_engine = _engine(ctx, generator, _spec(ctx, sec.generator, sec.batch_size, sec.grad_accum), "generator")
+    gui_engine = _engine(ctx, guidance, _spec(ctx, sec.guidance, sec.batch_size, sec.grad_accum), "guidance")
+    engines = {"generator": gen_engine, "guidance": gui_engine}
+    _seed_rank(ctx)
+    start = _resume_or_init(ctx, lambda d: load_checkpoint(ctx, d, engines=engines, files={"ema": ema}), lambda: None)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    step_cfg = CSDConfig.model_validate(sec.model_dump(include=set(CSDConfig.model_fields)))
+    micro = gen_engine.train_micro_batch_size_per_gpu()
+    codebook = teacher.codebook
+
+    def labels() -> Tensor:
+        return torch.randint(teacher.num_classes, (micro,), generator=ctx.rng, device=ctx.device)
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines=engines, files={"ema": ema}, state={"step": step})
+
+    gen_engine.train()
+    gui_engine.train()
+    for step in loop.steps():
+        gui_acc: dict[str, Tensor] = {}
+        for _ in range(step_cfg.guidance_updates):  # K guidance updates (DD2 Alg. 1) ...
+            gui_acc = {}
+            for _ in range(sec.grad_accum):  # ... each of grad_accum micro-steps
+                with ctx.autocast():
+                    m = guidance_step(
+                        gui_engine.module,
+                        gui_engine,
+                        gen_engine.module,
+                        labels(),
+                        step_cfg,
+                        codebook=codebook,
+                        rng=ctx.rng,
+                    )
+                gui_acc = _accumulate(gui_acc, m, sec.grad_accum)
+        gen_acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            with ctx.autocast():
+                m = generator_step(
+                    gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng
+                )
+            gen_acc = _accumulate(gen_acc, m, sec.grad_accum)
+        with eng.gathered(gen_engine.module, cfg.deepspeed.zero_stage):
+            decay = ema_update(ema, gen_engine.module, step, sec.ema_max_decay)
+        extras = {
+            "lr_generator": torch.tensor(eng.engine_lr(gen_engine)),
+            "lr_guidance": torch.tensor(eng.engine_lr(gui_engine)),
+            "ema_decay": torch.tensor(decay),
+        }
+        loop.after(step, gui_acc | gen_acc | extras, save)
+    loop.close()
+
+
+def run_align(ctx: StageContext) -> None:
+    """Performance alignment (App. C.3): generator <- its EMA and frozen; guidance alone trained with FCS."""
+    cfg, sec = ctx.cfg, ctx.cfg.align
+    _seed_models(cfg, ctx.stage)
+    teacher = _teacher(ctx)
+    resuming = _latest(ctx) is not None
+    generator, guidance, ema = _csd_networks(ctx, teacher, None if resuming else default_input(cfg, "align"))
+    _place_teacher(ctx, teacher)
+    if not resuming:
+        generator.load_state_dict(ema.state_dict())  # the EMA weights become the (frozen) generator
+    eng.freeze(generator, device=ctx.device)  # fp32: it is saved and becomes the next csd stage's generator
+    gui_engine = _engine(ctx, guidance, _spec(ctx, sec.guidance, sec.batch_size, sec.grad_accum), "guidance")
+    files = {"generator": generator, "ema": ema}
+    _seed_rank(ctx)
+    start = _resume_or_init(
+        ctx, lambda d: load_checkpoint(ctx, d, engines={"guidance": gui_engine}, files=files), lambda: None
+    )
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    step_cfg = CSDConfig.model_validate(cfg.csd.model_dump(include=set(CSDConfig.model_fields)))
+    micro = gui_engine.train_micro_batch_size_per_gpu()
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines={"guidance": gui_engine}, files=files, state={"step": step})
+
+    gui_engine.train()
+    for step in loop.steps():
+        acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            labels = torch.randint(teacher.num_classes, (micro,), generator=ctx.rng, device=ctx.device)
+            with ctx.autocast():
+                m = guidance_step(
+                    gui_engine.module, gui_engine, generator, labels, step_cfg, codebook=teacher.codebook, rng=ctx.rng
+                )
+            acc = _accumulate(acc, m, sec.grad_accum)
+        loop.after(step, acc | {"lr_guidance": torch.tensor(eng.engine_lr(gui_engine))}, save)
+    loop.close()
+
+
+def run_export(ctx: StageContext) -> None:
+    """Write the pipeline folder (rank 0) from the latest csd/align checkpoint."""
+    from dd2_train.export import export_pipeline
+
+    cfg = ctx.cfg
+    if ctx.dist.is_main:
+        out = cfg.export.out_dir or cfg.run_dir / "pipeline"
+        export_pipeline(cfg, resolve_checkpoint(default_input(cfg, "export")), out, device=ctx.device)
+    eng.barrier()
+
+
+STAGES.update(
+    {
+        "adapt": run_adapt,
+        "gen-data": run_gen_data,
+        "gts": run_gts,
+        "csd": run_csd,
+        "align": run_align,
+        "export": run_export,
+    }
+)

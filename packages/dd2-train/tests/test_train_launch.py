@@ -1,0 +1,180 @@
+"""Every stage through the real launch path (torchrun, 2 CPU ranks, gloo) for ZeRO 1, 2 and 3, and bitwise resume
+after SIGKILL. Each launch runs adapt -> gen-data -> gts -> csd -> align -> export on a tiny toy teacher.
+
+CI environment: DS_ACCELERATOR=cpu (set here for the subprocesses); the first launch on a machine JIT-builds
+DeepSpeed's shm_comm op (~30-60 s; cache it with TORCH_EXTENSIONS_DIR).
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dd2_core.checkpoint import read_state_dict
+from dd2_core.pipeline import OneStepPipeline
+from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig
+from dd2_train.checkpoint import RunFolder, module_weights, read_manifest
+from dd2_train.data import write_shard
+
+TESTS = Path(__file__).resolve().parent
+RUN_PY = TESTS.parent / "run.py"
+STAGES = ["adapt", "gen-data", "gts", "csd", "align", "export"]
+TIMEOUT = 240
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script: Path, config: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port())]
+    cmd += [str(script), "--config", str(config), *(a for o in overrides for a in ("--set", o))]
+    full_env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _log(stage_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (stage_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"{stage_dir}: steps logged twice or out of order: {steps}"
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss", "lr", "ema"))} for r in records}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("launch")
+    teacher = ToyTeacher(
+        ToyTeacherConfig(codebook_size=8, token_dim=2, num_tokens=4, num_classes=3, dim=16, depth=1, heads=2)
+    )
+    teacher.save(root / "teacher")
+    g = torch.Generator().manual_seed(0)
+    for j in range(4):  # "image codes" for the adapt stage
+        ids, labels = torch.randint(8, (16, 4), generator=g), torch.randint(3, (16,), generator=g)
+        write_shard(
+            root / "codes" / f"shard-{j:06d}.tar", ids, labels, {"num_tokens": 4, "vocab_size": 8, "num_classes": 3}
+        )
+    config = {
+        "run_dir": str(root / "run"),
+        "stage": STAGES,
+        "seed": 3,
+        "teacher": {"family": "toy", "size": "toy", "ckpt": str(root / "teacher")},
+        "head": {"width": 16, "depth": 1},
+        "adapt": {"steps": 2, "batch_size": 8, "data": {"shards": str(root / "codes"), "num_workers": 1}},
+        "gen_data": {"num_samples": 128, "shard_size": 16, "batch_size": 16},
+        "gts": {
+            "steps": 12,
+            "head_only_steps": 2,
+            "batch_size": 16,
+            "grad_accum": 2,
+            "optim": {"lr": 1e-3, "warmup_steps": 3},
+            "data": {"num_workers": 2, "shuffle_buffer": 8},
+        },
+        "csd": {"steps": 6, "batch_size": 8, "grad_accum": 2, "guidance_updates": 2, "ema_max_decay": 0.99},
+        "align": {"steps": 2, "batch_size": 8},
+        "checkpoint": {"every": 2, "keep_last": 0},
+        "log": {"every": 1},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"root": root, "config": path, "teacher": teacher}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(setup) -> Path:
+    run = setup["root"] / "zero2"
+    _ok(_launch(RUN_PY, setup["config"], f"run_dir={run}", "deepspeed.zero_stage=2"))
+    return run
+
+
+def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
+    for stage in ("adapt", "gts", "csd", "align"):
+        folder = RunFolder(run / stage)
+        latest = folder.latest_checkpoint()
+        assert latest is not None, f"{stage}: no checkpoint"
+        manifest = read_manifest(latest)
+        assert (manifest["world_size"], manifest["zero_stage"]) == (2, zero)
+        log = _log(run / stage)
+        assert max(log) == manifest["step"]
+        assert all(math.isfinite(v) for rec in log.values() for v in rec.values())
+        assert any((run / stage / "events").iterdir()), f"{stage}: no TensorBoard events"
+        assert json.loads((run / stage / "config.json").read_text())["deepspeed"]["zero_stage"] == zero
+    assert sorted(p.name for p in (run / "gen-data" / "shards").glob("*.tar")) == [
+        f"shard-{j:06d}.tar" for j in range(8)
+    ]
+    assert ToyTeacher.load(run / "adapt" / "teacher").cfg == teacher.cfg  # the adapted teacher
+    # gts: the backbone stays exactly the teacher's during the 2 head-only steps, then trains
+    gts = dict(RunFolder(run / "gts").complete_checkpoints())
+    assert sorted(gts) == [2, 4, 6, 8, 10, 12]
+    at2, at4 = module_weights(gts[2], "model"), module_weights(gts[4], "model")
+    teacher_bb = teacher.backbone.state_dict()
+    assert all(torch.equal(at2[f"backbone.{k}"], v) for k, v in teacher_bb.items())
+    assert not all(torch.equal(at4[f"backbone.{k}"], v) for k, v in teacher_bb.items())
+    assert not torch.equal(at2["head.final.linear.weight"], torch.zeros_like(at2["head.final.linear.weight"]))
+    # csd: the progressive EMA rate after 6 generator updates
+    csd_log = _log(run / "csd")
+    assert csd_log[6]["ema_decay"] == pytest.approx(min(0.99, 6 / 15))
+    # export: the pipeline holds the EMA generator of the last csd checkpoint and generates
+    pipe = OneStepPipeline.from_pretrained(run / "pipeline")
+    ema = read_state_dict(RunFolder(run / "csd").latest_checkpoint() / "ema.safetensors")
+    for k, v in pipe.generator.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    out = pipe(torch.tensor([0, 1, 2]), seed=0)
+    assert out.tokens.shape == (3, 4, 2) and torch.isfinite(out.tokens).all()
+    assert json.loads((run / "pipeline" / "teacher_ref.json").read_text())["weights"] == "ema"
+
+
+def test_all_stages_zero2(setup, zero2_run):
+    _check_pipeline_run(zero2_run, setup["teacher"], 2)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_all_stages_zero1_zero3(setup, zero):
+    run = setup["root"] / f"zero{zero}"
+    extra = ["teacher.shard=true", "deepspeed.activation_checkpointing=true"] if zero == 3 else []
+    _ok(_launch(RUN_PY, setup["config"], f"run_dir={run}", f"deepspeed.zero_stage={zero}", *extra))
+    _check_pipeline_run(run, setup["teacher"], zero)
+
+
+def test_sigkill_resume_is_bitwise_equal(setup, zero2_run):
+    run = setup["root"] / "killed"
+    args = [
+        f"run_dir={run}",
+        "deepspeed.zero_stage=2",
+        "checkpoint.keep_last=2",
+        "stage=[gts,csd]",
+        f"gts.data.shards={zero2_run / 'gen-data' / 'shards'}",
+    ]
+    killer = TESTS / "kill_during_commit.py"
+    # 1) killed while committing gts step 8: step 6 is the last complete checkpoint, step 8 is half-written
+    first = _launch(killer, setup["config"], *args, env={"DD2_TEST_KILL": "gts:8"})
+    assert first.returncode != 0
+    tmp = run / "gts" / "checkpoints" / ".tmp-step_000008"
+    assert tmp.is_dir() and not (tmp / "manifest.json").exists()
+    assert RunFolder(run / "gts").latest_checkpoint().name == "step_000006"
+    # 2) the same command resumes gts at step 6 (data stream replayed into epoch 1), then dies in csd at step 4
+    second = _launch(killer, setup["config"], *args, env={"DD2_TEST_KILL": "csd:4"})
+    assert second.returncode != 0
+    assert "removed the half-written checkpoint" in second.stderr and ".tmp-step_000008" in second.stderr
+    assert "gts/checkpoints/step_000006 (step 6)" in second.stderr  # "resumed from ..."
+    # 3) plain re-run: csd resumes at step 2 (two engines, EMA, RNG) and finishes
+    _ok(_launch(RUN_PY, setup["config"], *args))
+    assert _log(run / "gts") == _log(zero2_run / "gts")  # every step, bitwise (floats via JSON repr)
+    assert _log(run / "csd") == _log(zero2_run / "csd")
+    ref = RunFolder(zero2_run / "csd").latest_checkpoint()
+    got = RunFolder(run / "csd").latest_checkpoint()
+    for name in ("generator", "guidance", "ema"):
+        a, b = module_weights(ref, name), module_weights(got, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
