@@ -65,7 +65,8 @@ def test_image_pipeline_round_trip_and_cli(tmp_path):
     from PIL import Image
 
     h, w = out.images.shape[1:3]
-    assert Image.open(png).size == (3 * w, 2 * h)
+    with Image.open(png) as im:
+        assert im.size == (3 * w, 2 * h)
 
 
 def test_bad_folders_and_labels(tmp_path):
