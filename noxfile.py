@@ -1,8 +1,8 @@
 """Sessions for the dd2 monorepo. They run in the interpreter nox was started from (`.venv`, made by `.ci/setup`):
 
-    .venv/bin/nox -s lint layering tests    # what CI runs (README)
-    .venv/bin/nox -s demo                   # the main job on the embedded default
-    .venv/bin/nox -s proof                  # the exact CSD proof at full size, JSON in runs/proof.json
+.venv/bin/nox -s lint layering tests    # what CI runs (README)
+.venv/bin/nox -s demo                   # the main job on the embedded default
+.venv/bin/nox -s proof                  # the exact CSD proof at full size, JSON in runs/proof.json
 """
 
 from __future__ import annotations

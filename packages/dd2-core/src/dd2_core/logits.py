@@ -60,7 +60,10 @@ def guidance_weights(policy: SamplingPolicy, token_groups: tuple[int, ...], devi
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, weight: Tensor | float) -> Tensor:
-    """u + w (c - u), w broadcast over positions.  Shapes: cond, uncond (B, N, V), weight (N,) or scalar -> (B, N, V)."""
+    """u + w (c - u), w broadcast over positions.
+
+    Shapes: cond, uncond (B, N, V), weight (N,) or scalar -> (B, N, V).
+    """
     if isinstance(weight, Tensor):
         weight = weight.to(cond.dtype).unsqueeze(-1)  # (N, 1)
     return uncond + weight * (cond - uncond)
