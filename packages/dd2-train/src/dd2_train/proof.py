@@ -14,7 +14,8 @@ sequences, each continuous token is snapped to its nearest code, and TV(empirica
                       t ~ U[0.1, 0.9], omega = 1, snapped prefixes, a guidance pre-fit), EMA generator
     regression        DD1-style: the generator regressed onto the teacher's flow map, same wall time as `dd2`
     warm_start_only   the short regression used as a warm start
-    dd2_warm          the tuned CSD after that warm start (not in the paper), same total wall time as `dd2`
+    dd2_warm          CSD after that warm start (not in the paper; `warm`: the tuned settings with generator LR
+                      1e-4), same total wall time as `dd2`
 
 Run: python -m dd2_train.proof --preset full --out proof.json   (nox -s proof)
 """
@@ -87,6 +88,10 @@ class ProofConfig(BaseModel):
     batch: int = Field(256, ge=1)
     paper: CSDVariant = Field(default_factory=CSDVariant, description="the paper's CSD settings")
     tuned: CSDVariant = Field(default_factory=lambda: TUNED, description="settings tuned on this toy")
+    warm: CSDVariant = Field(
+        default_factory=lambda: TUNED.model_copy(update={"lr_generator": 1e-4}),
+        description="CSD after the regression warm start: the tuned settings at a fine-tuning generator LR",
+    )
     csd_steps: int = Field(600, ge=1, description="generator updates (each after K guidance updates)")
     csd_seconds: float | None = Field(None, description="wall-time cap of each CSD run")
     with_paper: bool = Field(True, description="also run CSD with the paper's settings")
@@ -182,7 +187,7 @@ def run_proof(cfg: ProofConfig) -> dict:
     warm = OneStepGenerator.from_ar_diffusion(model_a)
     res_w = train_regression(warm, pairs, steps=cfg.warm_steps, batch=cfg.batch, lr=cfg.regression_lr, rng=rng)
     out["tv"]["warm_start_only"] = generator_tv(warm, teacher, p_t, cfg.eval_samples, rng)
-    ema_w, res = csd(cfg.tuned, warm, max(1.0, budget - res_w.seconds), 10**9)
+    ema_w, res = csd(cfg.warm, warm, max(1.0, budget - res_w.seconds), 10**9)
     out["dd2_warm"] = {"warm": res_w.__dict__, "csd": res.__dict__}
     out["tv"]["dd2_warm"] = generator_tv(ema_w, teacher, p_t, cfg.eval_samples, rng)
     return out
