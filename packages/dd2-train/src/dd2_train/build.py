@@ -59,10 +59,9 @@ def build_teacher(spec: TeacherSpec, *, device: torch.device, dtype: torch.dtype
 
             teacher = ToyTeacher.load(adapted or spec.ckpt, device=device)
         elif spec.family == "llamagen":
-            from dd2_teachers.llamagen import LlamaGenTeacher, llamagen_teacher_config
+            from dd2_teachers.llamagen import LlamaGenTeacher
 
-            overrides = {"policy": spec.policy} if spec.policy is not None else {}
-            cfg = llamagen_teacher_config(_LLAMAGEN_SIZES[spec.size], **overrides)
+            cfg = llamagen_config(spec)
             gpt = adapted / "gpt.safetensors" if adapted is not None else spec.ckpt
             teacher = LlamaGenTeacher.from_checkpoints(cfg, gpt, spec.vq_ckpt, device=device)
         else:
@@ -80,6 +79,18 @@ def build_teacher(spec: TeacherSpec, *, device: torch.device, dtype: torch.dtype
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher.to(device=device, dtype=dtype) if spec.family == "toy" else teacher.to(device)
+
+
+def llamagen_config(spec: TeacherSpec):
+    """The LlamaGenTeacherConfig of a llamagen teacher section: a released size, or `custom` (teacher.gpt/vq)."""
+    from dd2_teachers.llamagen import LlamaGenTeacherConfig, llamagen_teacher_config
+
+    overrides = {"policy": spec.policy} if spec.policy is not None else {}
+    if spec.sample_input is not None:
+        overrides["sample_input"] = spec.sample_input
+    if spec.size == "custom":
+        return LlamaGenTeacherConfig(gpt=spec.gpt, vq=spec.vq, **overrides)
+    return llamagen_teacher_config(_LLAMAGEN_SIZES[spec.size], **overrides)
 
 
 def build_ar_diffusion(teacher: nn.Module, spec: TeacherSpec, head: HeadSpec) -> ARDiffusion:
@@ -156,14 +167,15 @@ def build_tokenizer(spec: TeacherSpec, *, device: torch.device | str) -> Tokeniz
         raise ConfigError("teacher.vq_ckpt: the VQ tokenizer checkpoint is needed to tokenize images")
     from dd2_core.models.llamagen_vq import VQ_PRESETS, LlamaGenVQ
 
-    cfg = VQ_PRESETS["VQ-16"]()
+    cfg = spec.vq if spec.vq is not None else VQ_PRESETS["VQ-16"]()
     vq = LlamaGenVQ(cfg)
+    name = "a custom LlamaGen VQ" if spec.vq is not None else "LlamaGen VQ-16"
     try:
-        load_strict(vq, read_state_dict(spec.vq_ckpt), expected="LlamaGen VQ-16", source=str(spec.vq_ckpt))
+        load_strict(vq, read_state_dict(spec.vq_ckpt), expected=name, source=str(spec.vq_ckpt))
     except (OSError, CheckpointError) as e:
         raise ConfigError(f"teacher.vq_ckpt: {e}") from e
     vq.to(device).eval().requires_grad_(False)
-    grid = 16  # 256 px checkpoints (c2i_*_256.pt)
+    grid = spec.gpt.grid if spec.gpt is not None else 16  # released: 256 px checkpoints (c2i_*_256.pt)
     return Tokenizer(
         encode=vq.encode, resolution=grid * cfg.downsample, vocab_size=cfg.codebook_size, num_tokens=grid * grid
     )

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dd2_core.errors import DD2Error
 from dd2_core.logits import SamplingPolicy
+from dd2_core.models.llamagen import LlamaGenConfig
+from dd2_core.models.llamagen_vq import VQConfig
 from dd2_train.steps import CSDConfig, GTSConfig
 
 Family = Literal["toy", "llamagen", "var"]
@@ -35,7 +37,7 @@ Stage = Literal["adapt", "gen-data", "gts", "csd", "align", "export"]
 STAGE_ORDER: tuple[str, ...] = ("adapt", "gen-data", "gts", "csd", "align", "export")
 SIZES: dict[str, tuple[str, ...]] = {
     "toy": ("toy",),
-    "llamagen": ("B", "L", "XL", "XXL", "3B"),
+    "llamagen": ("B", "L", "XL", "XXL", "3B", "custom"),
     "var": ("d16", "d20", "d24", "d30"),
 }
 
@@ -53,7 +55,9 @@ class TeacherSpec(_Strict):
     """Which teacher, from which files."""
 
     family: Family = Field(..., description="toy | llamagen | var")
-    size: str = Field(..., description="toy: 'toy'; llamagen: B, L, XL, XXL, 3B; var: d16, d20, d24, d30")
+    size: str = Field(
+        ..., description="toy: 'toy'; llamagen: B, L, XL, XXL, 3B or custom (teacher.gpt + teacher.vq); var: d16-d30"
+    )
     ckpt: Path = Field(..., description="toy: folder written by ToyTeacher.save; llamagen: GPT .pt; var: var_dNN.pth")
     vq_ckpt: Path | None = Field(None, description="VQ tokenizer weights (tokenize, export decoder); not for toy")
     adapted: Path | None = Field(
@@ -61,6 +65,13 @@ class TeacherSpec(_Strict):
     )
     policy: SamplingPolicy | None = Field(None, description="sampling policy distilled; None = family default")
     shard: bool = Field(False, description="partition the frozen teacher with ZeRO-3 instead of replicating it")
+    gpt: LlamaGenConfig | None = Field(None, description="llamagen size 'custom': the GPT's sizes (n_layer, dim, ...)")
+    vq: VQConfig | None = Field(None, description="llamagen size 'custom': the VQ tokenizer's sizes")
+    sample_input: Literal["ids", "codes"] | None = Field(
+        None,
+        description="llamagen: inputs of the AR sampler, 'ids' (token table, the released teacher) or 'codes' "
+        "(cont_embed of code vectors, as log_probs; for a teacher trained by adapt from scratch); None = 'ids'",
+    )
 
     @field_validator("size")
     @classmethod
@@ -78,6 +89,17 @@ class TeacherSpec(_Strict):
             raise ValueError(f"vq_ckpt: the {self.family} teacher needs its VQ tokenizer checkpoint, got none")
         if self.family == "var" and self.adapted is not None:
             raise ValueError("adapted: VAR needs no continuous-input adaptation (only LlamaGen); leave it unset")
+        custom = self.family == "llamagen" and self.size == "custom"
+        if custom and (self.gpt is None or self.vq is None):
+            raise ValueError("gpt, vq: llamagen size 'custom' needs both teacher.gpt and teacher.vq sizes")
+        if not custom and (self.gpt is not None or self.vq is not None):
+            raise ValueError(f"gpt, vq: only for llamagen size 'custom', got {self.family} size {self.size!r}")
+        if custom and self.gpt.vocab_size != self.vq.codebook_size:
+            raise ValueError(
+                f"gpt.vocab_size must equal vq.codebook_size, got {self.gpt.vocab_size} and {self.vq.codebook_size}"
+            )
+        if self.family != "llamagen" and self.sample_input is not None:
+            raise ValueError(f"sample_input: only for llamagen teachers, got family {self.family!r}")
         return self
 
 
