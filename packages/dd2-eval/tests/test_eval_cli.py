@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dd2_eval import cli
 from dd2_eval.npz import read_images, read_labels, read_reference, write_images
@@ -50,6 +51,79 @@ def test_bench_command(tmp_path, pipeline_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [(t["mode"], t["batch_size"]) for t in report["timings"]] == [("eager", 1), ("eager", 4)]
     assert (tmp_path / "b" / "bench.json").is_file() and (tmp_path / "b" / "bench.png").stat().st_size > 1000
+
+
+@pytest.fixture
+def toy_ref(tmp_path) -> dict:
+    """A teacher reference (teacher_ref.json) of a toy teacher with the tiny pipeline's 5 classes."""
+    toy = pytest.importorskip("dd2_teachers.toy", reason="the teacher side of bench needs dd2-teachers")
+    with torch.random.fork_rng(devices=[]):
+        toy.ToyTeacher(toy.ToyTeacherConfig(codebook_size=4, num_tokens=3, num_classes=5, dim=16, heads=2)).save(
+            tmp_path / "toy"
+        )
+    return {"family": "toy", "size": "toy", "ckpt": str(tmp_path / "toy"), "vq_ckpt": None, "policy": None}
+
+
+def _bench_rows(tmp_path, capsys, *args: str) -> set[tuple[str, str, int]]:
+    common = ["--out", str(tmp_path / "b"), "--repeats", "1", "--warmup", "0", "--throughput-batch", "2"]
+    assert cli.main(["bench", *args, *common, "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "b" / "bench.json").is_file() and (tmp_path / "b" / "bench.png").is_file()
+    return {(t["target"], t["mode"], t["batch_size"]) for t in report["timings"]}
+
+
+def test_bench_times_the_teacher_of_teacher_ref(tmp_path, pipeline_dir, toy_ref, capsys):
+    (pipeline_dir / "teacher_ref.json").write_text(json.dumps(toy_ref))
+    rows = _bench_rows(tmp_path, capsys, "--pipeline", str(pipeline_dir), "--modes", "eager")  # --teacher auto
+    assert rows == {(target, "eager", b) for target in ("dd2 one-step", "teacher AR") for b in (1, 2)}
+    rows = _bench_rows(tmp_path, capsys, "--pipeline", str(pipeline_dir), "--modes", "eager", "--teacher", "none")
+    assert rows == {("dd2 one-step", "eager", 1), ("dd2 one-step", "eager", 2)}
+
+
+def test_bench_teacher_from_a_file_and_its_errors(tmp_path, pipeline_dir, toy_ref, capsys, caplog):
+    (tmp_path / "ref.json").write_text(json.dumps(toy_ref))
+    args = ["--pipeline", str(pipeline_dir), "--modes", "eager", "--teacher", str(tmp_path / "ref.json")]
+    assert ("teacher AR", "eager", 1) in _bench_rows(tmp_path, capsys, *args)
+    (tmp_path / "ref.json").write_text(json.dumps(toy_ref | {"ckpt": str(tmp_path / "nope")}))
+    assert cli.main(["bench", *args, "--device", "cpu"]) == 2
+    assert "teacher ref 'ckpt': expected a toy teacher folder" in caplog.text
+    (tmp_path / "ref.json").write_text(json.dumps(toy_ref | {"family": "gpt"}))
+    assert cli.main(["bench", *args, "--device", "cpu"]) == 2
+    assert "teacher ref 'family': expected one of" in caplog.text
+    assert cli.main(["bench", *args[:-1], str(tmp_path / "missing.json"), "--device", "cpu"]) == 2
+    assert "missing.json': no such file" in caplog.text
+
+
+def test_bench_refuses_a_teacher_of_other_classes(tmp_path, pipeline_dir, toy_ref, caplog):
+    from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig
+
+    ToyTeacher(ToyTeacherConfig(num_classes=3, dim=16, heads=2)).save(tmp_path / "toy3")
+    (pipeline_dir / "teacher_ref.json").write_text(json.dumps(toy_ref | {"ckpt": str(tmp_path / "toy3")}))
+    assert cli.main(["bench", "--pipeline", str(pipeline_dir), "--modes", "eager", "--device", "cpu"]) == 2
+    assert "the teacher has 3 classes, the pipeline 5" in caplog.text
+
+
+def test_bench_without_dd2_teachers(tmp_path, pipeline_dir, toy_ref, monkeypatch, capsys, caplog):
+    monkeypatch.setattr("dd2_eval.teacher.entry_points", lambda group: [])  # as if dd2-teachers were not installed
+    (pipeline_dir / "teacher_ref.json").write_text(json.dumps(toy_ref))
+    rows = _bench_rows(tmp_path, capsys, "--pipeline", str(pipeline_dir), "--modes", "eager")
+    assert {target for target, _, _ in rows} == {"dd2 one-step"}
+    assert "only the pipeline is timed; timing the teacher needs dd2-teachers: pip install 'dd2-eval[teachers]'" in (
+        caplog.text
+    )
+    args = ["bench", "--pipeline", str(pipeline_dir), "--teacher", str(pipeline_dir / "teacher_ref.json")]
+    assert cli.main([*args, "--modes", "eager", "--device", "cpu"]) == 2
+    assert "pip install 'dd2-eval[teachers]' (or packages/dd2-teachers)" in caplog.text
+
+
+def test_compiled_teacher_only_for_families_with_a_compiled_step(tmp_path, pipeline_dir, toy_ref):
+    import argparse
+
+    (pipeline_dir / "teacher_ref.json").write_text(json.dumps(toy_ref))
+    args = argparse.Namespace(teacher="auto", pipeline=pipeline_dir)
+    teacher, compiled, note = cli._bench_teachers(args, ("eager", "compiled"), device="cpu", dtype=None)
+    assert teacher.num_classes == 5 and compiled is None
+    assert "the toy teacher has no compiled decode step" in note
 
 
 def test_toy_command(tmp_path, monkeypatch, capsys):

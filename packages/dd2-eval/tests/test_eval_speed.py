@@ -44,3 +44,9 @@ def test_teacher_compiled_is_skipped_with_a_note(tiny_pipeline, tiny_teacher):
         ("teacher AR", "eager"),
     }
     assert any("not measured" in n for n in report.notes)
+
+
+def test_teacher_compiled_note_says_why(tiny_pipeline, tiny_teacher):
+    cfg = CFG.model_copy(update={"modes": ("compiled",), "repeats": 1})
+    report = bench_pipeline(tiny_pipeline, teacher=tiny_teacher, cfg=cfg, teacher_compiled_note="no compiled step")
+    assert report.notes == ["teacher AR compiled: not measured (no compiled step)"]

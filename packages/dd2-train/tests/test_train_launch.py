@@ -19,6 +19,7 @@ import yaml
 
 from dd2_core.checkpoint import read_state_dict
 from dd2_core.pipeline import OneStepPipeline
+from dd2_teachers.registry import load_teacher
 from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig
 from dd2_train.checkpoint import RunFolder, module_weights, read_manifest
 from dd2_train.data import write_shard
@@ -133,7 +134,12 @@ def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
         assert torch.equal(v, ema[k]), k
     out = pipe(torch.tensor([0, 1, 2]), seed=0)
     assert out.tokens.shape == (3, 4, 2) and torch.isfinite(out.tokens).all()
-    assert json.loads((run / "pipeline" / "teacher_ref.json").read_text())["weights"] == "ema"
+    ref = json.loads((run / "pipeline" / "teacher_ref.json").read_text())
+    assert ref["weights"] == "ema" and Path(ref["ckpt"]).is_absolute()
+    rebuilt = load_teacher(ref, device="cpu")  # what `dd2-eval bench` times: the teacher the run distilled
+    assert rebuilt.cfg == teacher.cfg and all(
+        torch.equal(v, teacher.state_dict()[k]) for k, v in rebuilt.state_dict().items()
+    )
 
 
 def test_all_stages_zero2(setup, zero2_run):

@@ -1,6 +1,8 @@
 """The small VQ tokenizer's training and code shards (dd2_train.tokenizer), and a LlamaGen teacher of a custom size
 built from a run config (teacher.size = custom): what the Fashion-MNIST demo trains and distils."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from dd2_core.checkpoint import save_safetensors
 from dd2_core.errors import DD2ValueError
 from dd2_core.models.llamagen import LlamaGen, LlamaGenConfig
 from dd2_core.models.llamagen_vq import LlamaGenVQ, VQConfig
-from dd2_train.build import build_ar_diffusion, build_teacher, build_tokenizer
+from dd2_teachers.registry import load_teacher
+from dd2_train.build import build_ar_diffusion, build_teacher, build_tokenizer, teacher_ref
 from dd2_train.config import ConfigError, validate_config
 from dd2_train.data import TokenStream, read_shard_meta
 from dd2_train.tokenizer import (
@@ -121,6 +124,34 @@ def test_custom_llamagen_teacher_from_a_config(tmp_path):
     assert model.backbone.num_tokens == 16 and model.backbone.token_dim == 4
     tok = build_tokenizer(cfg.teacher, device="cpu")
     assert (tok.resolution, tok.vocab_size, tok.num_tokens) == (8, 16, 16)
+
+
+def test_teacher_ref_rebuilds_the_adapted_custom_teacher(tmp_path):
+    """The reference export writes (teacher_ref.json) names the adapt stage's GPT and the custom sizes, so that
+    load_teacher rebuilds exactly the teacher the run distils, not the released checkpoint it started from."""
+    torch.manual_seed(0)
+    gpt = GPT.model_copy(update={"codebook_dim": 4})
+    save_safetensors(LlamaGen(gpt).state_dict(), tmp_path / "gpt.safetensors")
+    save_safetensors(LlamaGenVQ(VQ).state_dict(), tmp_path / "vq.safetensors")
+    adapted = tmp_path / "run" / "adapt" / "teacher"
+    adapted.mkdir(parents=True)
+    save_safetensors(LlamaGen(gpt).state_dict(), adapted / "gpt.safetensors")  # other weights than teacher.ckpt
+    cfg = validate_config(_custom(tmp_path, sample_input="codes", policy={"cfg_scale": 1.5, "top_k": 5}))
+    ref = json.loads(json.dumps(teacher_ref(cfg.teacher, cfg.run_dir)))
+    assert ref["ckpt"] == str(adapted / "gpt.safetensors") and ref["vq_ckpt"] == str(tmp_path / "vq.safetensors")
+    assert ref["gpt"] == GPT.model_dump(mode="json") and ref["vq"] == VQ.model_dump(mode="json")
+    assert ref["sample_input"] == "codes" and ref["policy"]["top_k"] == 5
+    built = build_teacher(cfg.teacher, device=torch.device("cpu"), dtype=torch.float32, run_dir=cfg.run_dir)
+    rebuilt = load_teacher(ref, device="cpu")
+    assert rebuilt.cfg == built.cfg and rebuilt.policy == built.policy
+    tokens, labels = built.embed(torch.randint(16, (2, 16))), torch.tensor([0, 2])
+    assert torch.equal(rebuilt.log_probs(tokens, labels), built.log_probs(tokens, labels))
+    released = load_teacher(ref | {"ckpt": str(tmp_path / "gpt.safetensors")}, device="cpu")
+    assert not torch.equal(released.log_probs(tokens, labels), built.log_probs(tokens, labels))
+
+    (adapted / "gpt.safetensors").unlink()  # the adapt folder without its GPT: the error names teacher.adapted
+    with pytest.raises(ConfigError, match=r"teacher.adapted: .*teacher ref 'ckpt': no such file"):
+        build_teacher(cfg.teacher, device=torch.device("cpu"), dtype=torch.float32, run_dir=cfg.run_dir)
 
 
 def test_custom_size_errors_name_the_field(tmp_path):

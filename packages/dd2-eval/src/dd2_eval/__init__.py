@@ -1,6 +1,6 @@
 """dd2-eval: ADM-compatible FID/sFID/IS/precision/recall offline, ADM npz sampling, toy metrics, speed benchmarks."""
 
-from dd2_eval.errors import EvalError, MissingResourceError, NpzFormatError
+from dd2_eval.errors import EvalError, MissingExtraError, MissingResourceError, NpzFormatError
 from dd2_eval.evaluator import EvalConfig, EvalReport, evaluate, write_reference_stats
 from dd2_eval.fid import FeatureStats, RunningStats, feature_stats, frechet_distance
 from dd2_eval.inception import (
@@ -27,6 +27,7 @@ from dd2_eval.npz import (
 from dd2_eval.precision_recall import DensityCoverage, PrecisionRecall, density_coverage, precision_recall
 from dd2_eval.sample import SampleConfig, sample_to_npz
 from dd2_eval.speed import BenchConfig, BenchReport, bar_chart_png, bench_pipeline
+from dd2_eval.teacher import load_teacher_plugin
 from dd2_eval.toy import ToyFeatureConfig, ToyFeatureSpace, ToyMetrics, load_fashion_mnist, load_toy_net
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "InceptionScore",
     "InceptionV3FID",
     "KernelDistance",
+    "MissingExtraError",
     "MissingResourceError",
     "NpzFormatError",
     "NpzImageWriter",
@@ -66,6 +68,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_inception",
     "load_is_head",
+    "load_teacher_plugin",
     "load_toy_net",
     "precision_recall",
     "preprocess",

@@ -4,7 +4,8 @@
     dd2-eval reference IMAGES.npz OUT.npz               an ADM reference batch (mu, sigma, mu_s, sigma_s)
     dd2-eval sample --pipeline DIR [--out OUT.npz]      50 images per class into an ADM sample batch, resumable
     dd2-eval toy SAMPLES.npz [--json]                   toy Fashion-MNIST feature-space metrics
-    dd2-eval bench --pipeline DIR [--out DIR]           latency (batch 1) and throughput (batch 64), JSON + PNG
+    dd2-eval bench --pipeline DIR [--out DIR]           latency (batch 1) and throughput (batch 64), JSON + PNG,
+                   [--teacher auto|none|REF.json]       of the pipeline and of its teacher's AR sampler
 
 Logs and progress bars go to stderr; with --json, stdout holds only the JSON.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from dd2_core.errors import DD2Error
+from dd2_core.errors import DD2Error, DD2ValueError
+from dd2_eval.errors import EvalError
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--latency-batch", type=int, default=1)
     b.add_argument("--throughput-batch", type=int, default=64)
     b.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    b.add_argument(
+        "--teacher",
+        default="auto",
+        help="the teacher whose AR sampler is timed too: 'auto' = the pipeline's teacher_ref.json when it exists and "
+        "dd2-teachers is installed, 'none' = the pipeline only, or the path of a teacher reference JSON file",
+    )
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="pipeline dtype (default: its own)")
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _add_device(b)
@@ -235,14 +243,23 @@ def _bench(args: argparse.Namespace) -> int:
         throughput_batch=args.throughput_batch,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
     )
-    pipe = load_pipeline(args.pipeline, device=device, dtype=DTYPES.get(args.dtype or ""))
-    teacher = getattr(pipe, "teacher", None)
-    if teacher is None:
-        logger.warning(
-            "the pipeline has no teacher attached, so only the one-step pipeline is timed; to compare with the "
-            "teacher's AR sampler call dd2_eval.speed.bench_pipeline(pipe, teacher=...) from Python"
+    dtype = DTYPES.get(args.dtype or "")
+    pipe = load_pipeline(args.pipeline, device=device, dtype=dtype)
+    teacher, teacher_compiled, compiled_note = _bench_teachers(args, cfg.modes, device=device, dtype=dtype)
+    if teacher is not None and teacher.num_classes != pipe.num_classes:
+        raise EvalError(
+            f"--teacher: the teacher has {teacher.num_classes} classes, the pipeline {pipe.num_classes}; "
+            "expected the teacher the pipeline was distilled from"
         )
-    report = bench_pipeline(pipe, teacher=teacher, cfg=cfg, device=device, dtype=args.dtype or "pipeline default")
+    report = bench_pipeline(
+        pipe,
+        teacher=teacher,
+        teacher_compiled=teacher_compiled,
+        teacher_compiled_note=compiled_note,
+        cfg=cfg,
+        device=device,
+        dtype=args.dtype or "pipeline default",
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(args.out / "bench.json")
     bar_chart_png(
@@ -251,6 +268,38 @@ def _bench(args: argparse.Namespace) -> int:
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
     logger.info("wrote %s and %s", args.out / "bench.json", args.out / "bench.png")
     return 0
+
+
+def _bench_teachers(
+    args: argparse.Namespace, modes: tuple[str, ...], *, device: str, dtype: torch.dtype | None
+) -> tuple[object | None, object | None, str | None]:
+    """The teacher of --teacher (None: time the pipeline only), its compiled build when `modes` has 'compiled' and
+    the family has one, and why not when it has none."""
+    from dd2_eval.teacher import INSTALL_HINT, TEACHER_REF, load_teacher_plugin, read_teacher_ref, teacher_plugin
+
+    if args.teacher == "none":
+        logger.info("--teacher none: timing the one-step pipeline only")
+        return None, None, None
+    if args.teacher == "auto":
+        path = args.pipeline / TEACHER_REF
+        if not path.is_file():
+            logger.warning("--teacher auto: %s has no %s, so only the pipeline is timed", args.pipeline, TEACHER_REF)
+            return None, None, None
+        if teacher_plugin() is None:
+            logger.warning("--teacher auto: only the pipeline is timed; %s", INSTALL_HINT)
+            return None, None, None
+    else:
+        path = Path(args.teacher)
+    ref = read_teacher_ref(path)
+    logger.info("teacher: %s %s from %s (%s)", ref.get("family"), ref.get("size"), ref.get("ckpt"), path)
+    teacher = load_teacher_plugin(ref, device=device, dtype=dtype, compile=False)
+    if "compiled" not in modes:
+        return teacher, None, None
+    try:
+        return teacher, load_teacher_plugin(ref, device=device, dtype=dtype, compile=True), None
+    except DD2ValueError as e:  # the same reference built eagerly above: only the compiled decode step can be missing
+        logger.warning("teacher compiled: not measured: %s", e)
+        return teacher, None, str(e)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,7 @@ class NpzFormatError(EvalError, ValueError):
 
 class MissingResourceError(EvalError, FileNotFoundError):
     """A file the evaluation needs (samples, reference, Inception weights, Fashion-MNIST) is not there."""
+
+
+class MissingExtraError(EvalError, ImportError):
+    """An optional dd2 package (a pip extra of dd2-eval) is not installed; the message names the extra."""

@@ -9,7 +9,8 @@ torch version (STYLE.md §2.8). Both sides include decoding to pixels: the pipel
 
 Compiled mode: the pipeline's whole call goes through `torch.compile` (one step, so dynamo traces the generator
 and decoder, methods included); a teacher's AR loop must not be unrolled that way, so its compiled variant is the
-teacher built with its own compiled decode step (dd2_teachers: `compile=True`, CUDA graphs on CUDA).
+teacher built with its own compiled decode step (dd2_teachers: `compile=True`, CUDA graphs on CUDA). `dd2-eval
+bench` builds both from the pipeline's teacher_ref.json through the dd2-teachers plugin (dd2_eval.teacher).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class BenchConfig(BaseModel):
 
     latency_batch: int = Field(1, ge=1, description="batch size of the latency measurement")
     throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
-    warmup: int = Field(3, ge=1, description="untimed calls first (compilation happens in the first)")
+    warmup: int = Field(
+        3, ge=0, description="untimed calls first (compilation happens in the first); 0 = the first timed call compiles"
+    )
     repeats: int = Field(10, ge=1, description="timed calls; the median is reported")
     modes: tuple[Mode, ...] = Field(("eager", "compiled"), min_length=1)
     compile_backend: str = Field("inductor", description="torch.compile backend ('eager' to test the wiring)")
@@ -105,7 +108,8 @@ def synchronize(device: torch.device) -> None:
 def time_calls(
     fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device
 ) -> tuple[float, list[float]]:
-    """Wall time of the first warm-up call and of each of `repeats` timed calls, in seconds."""
+    """Wall time of the first call (the first warm-up call, or the first timed one when `warmup` is 0) and of each
+    of `repeats` timed calls, in seconds."""
     first = 0.0
     for i in range(warmup):
         synchronize(device)
@@ -121,7 +125,7 @@ def time_calls(
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return first, times
+    return (first if warmup else times[0]), times
 
 
 def bench_pipeline(
@@ -134,12 +138,14 @@ def bench_pipeline(
     dtype: str = "float32",
     pipeline_name: str = "dd2 one-step",
     teacher_name: str = "teacher AR",
+    teacher_compiled_note: str | None = None,
 ) -> BenchReport:
     """Time the pipeline and, if given, the teacher's AR sampler (module docstring).
 
     `teacher_compiled` is the teacher built with its own compiled decode step (e.g. LlamaGenTeacherConfig(compile=
-    True)); without it the teacher's compiled mode is skipped and a note says so. `device` is where labels live
-    and what is synchronised (default: the pipeline's `device` attribute or CPU); `dtype` is only recorded.
+    True)); without it the teacher's compiled mode is skipped and a note says so (`teacher_compiled_note`: why, if
+    the caller knows). `device` is where labels live and what is synchronised (default: the pipeline's `device`
+    attribute or CPU); `dtype` is only recorded.
     """
     cfg = cfg or BenchConfig()
     dev = torch.device(device if device is not None else getattr(pipe, "device", "cpu"))
@@ -176,10 +182,11 @@ def bench_pipeline(
             elif teacher_compiled is not None:
                 calls.append((teacher_name, mode, teacher_call(teacher_compiled)))
             else:
-                report.notes.append(
-                    f"{teacher_name} compiled: not measured (pass teacher_compiled, the teacher built with its own "
-                    "compiled decode step; compiling a whole AR loop would unroll it)"
+                why = teacher_compiled_note or (
+                    "pass teacher_compiled, the teacher built with its own compiled decode step; compiling a whole "
+                    "AR loop would unroll it"
                 )
+                report.notes.append(f"{teacher_name} compiled: not measured ({why})")
     for name, mode, call in calls:
         for batch in (cfg.latency_batch, cfg.throughput_batch):
             labels = torch.arange(batch, device=dev) % num_classes

@@ -1,6 +1,7 @@
 """Networks of a run from its teacher section: the teacher, the AR-diffusion model A, the adapt model, the tokenizer.
 
-One function per family and role; the families' own code lives in dd2_teachers and dd2_core.models:
+One function per role; the families' own code lives in dd2_teachers and dd2_core.models, and the teacher is built
+by dd2_teachers.registry.load_teacher from the reference dict `teacher_ref` makes of the teacher section:
 
     toy        dd2_teachers.toy.ToyTeacher (folder written by ToyTeacher.save) + TransformerBackbone
     llamagen   dd2_teachers.llamagen.LlamaGenTeacher (GPT .pt + VQ-16) + LlamaGenBackbone; the continuous-input
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +23,12 @@ from dd2_core.checkpoint import CheckpointError, load_strict, read_state_dict, s
 from dd2_core.diffusion import ARDiffusion
 from dd2_core.errors import DD2Error
 from dd2_core.heads import HeadConfig, VelocityHead
+from dd2_teachers.registry import load_teacher
 from dd2_train.config import ConfigError, HeadSpec, TeacherSpec
 
 logger = logging.getLogger(__name__)
 
 ADAPTED_DIR = "teacher"  # inside the adapt stage folder
-_LLAMAGEN_SIZES = {"B": "GPT-B", "L": "GPT-L", "XL": "GPT-XL", "XXL": "GPT-XXL", "3B": "GPT-3B"}
 
 
 def adapted_folder(spec: TeacherSpec, run_dir: Path) -> Path | None:
@@ -50,47 +52,45 @@ def adapted_folder(spec: TeacherSpec, run_dir: Path) -> Path | None:
     return None
 
 
+def teacher_ref(spec: TeacherSpec, run_dir: Path) -> dict[str, Any]:
+    """The reference dict that `dd2_teachers.registry.load_teacher` builds this run's teacher from (the keys of a
+    pipeline's teacher_ref.json). `ckpt` is the adapt stage's output when there is one (`adapted_folder`; for
+    llamagen its gpt.safetensors); `policy` is `spec.policy` (None = the family's default)."""
+    adapted = adapted_folder(spec, run_dir)
+    ckpt = spec.ckpt
+    if adapted is not None:
+        ckpt = adapted / "gpt.safetensors" if spec.family == "llamagen" else adapted
+    ref: dict[str, Any] = {
+        "family": spec.family,
+        "size": spec.size,
+        "ckpt": str(ckpt),
+        "vq_ckpt": str(spec.vq_ckpt) if spec.vq_ckpt is not None else None,
+        "policy": spec.policy.model_dump(mode="json") if spec.policy is not None else None,
+    }
+    if spec.family == "llamagen":
+        ref["sample_input"] = spec.sample_input
+        if spec.size == "custom":
+            ref["gpt"], ref["vq"] = spec.gpt.model_dump(mode="json"), spec.vq.model_dump(mode="json")
+    return ref
+
+
 def build_teacher(spec: TeacherSpec, *, device: torch.device, dtype: torch.dtype, run_dir: Path) -> nn.Module:
     """The frozen teacher (eval, no gradients), with `spec.policy` if set. Errors name the config field."""
-    adapted = adapted_folder(spec, run_dir)
+    return teacher_from_ref(teacher_ref(spec, run_dir), spec, device=device, dtype=dtype)
+
+
+def teacher_from_ref(ref: dict[str, Any], spec: TeacherSpec, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`dd2_teachers.registry.load_teacher(ref)` for a `ref` made from the teacher section `spec` (`teacher_ref`),
+    with errors that name the config field: teacher.adapted when the adapt stage's output is at fault."""
     try:
-        if spec.family == "toy":
-            from dd2_teachers.toy import ToyTeacher
-
-            teacher = ToyTeacher.load(adapted or spec.ckpt, device=device)
-        elif spec.family == "llamagen":
-            from dd2_teachers.llamagen import LlamaGenTeacher
-
-            cfg = llamagen_config(spec)
-            gpt = adapted / "gpt.safetensors" if adapted is not None else spec.ckpt
-            teacher = LlamaGenTeacher.from_checkpoints(cfg, gpt, spec.vq_ckpt, device=device)
-        else:
-            from dd2_teachers.var import VARTeacher, var_teacher_config
-
-            overrides = {"policy": spec.policy} if spec.policy is not None else {}
-            cfg = var_teacher_config(int(spec.size[1:]), **overrides)
-            teacher = VARTeacher.from_checkpoints(cfg, spec.ckpt, spec.vq_ckpt, device=device)
+        return load_teacher(ref, device=device, dtype=dtype)
     except (OSError, DD2Error) as e:
+        key = getattr(e, "key", "ckpt")  # registry errors name the reference key, which is the config field's name
+        adapted = Path(ref["ckpt"]).absolute() != spec.ckpt.absolute()
+        field = "adapted" if key == "ckpt" and adapted else key
         raise ConfigError(
-            f"teacher.ckpt: the {spec.family} {spec.size} teacher cannot be built from {str(spec.ckpt)!r}: {e}"
+            f"teacher.{field}: the {spec.family} {spec.size} teacher cannot be built from {ref['ckpt']!r}: {e}"
         ) from e
-    if spec.policy is not None:
-        teacher.policy = spec.policy
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher.to(device=device, dtype=dtype) if spec.family == "toy" else teacher.to(device)
-
-
-def llamagen_config(spec: TeacherSpec):
-    """The LlamaGenTeacherConfig of a llamagen teacher section: a released size, or `custom` (teacher.gpt/vq)."""
-    from dd2_teachers.llamagen import LlamaGenTeacherConfig, llamagen_teacher_config
-
-    overrides = {"policy": spec.policy} if spec.policy is not None else {}
-    if spec.sample_input is not None:
-        overrides["sample_input"] = spec.sample_input
-    if spec.size == "custom":
-        return LlamaGenTeacherConfig(gpt=spec.gpt, vq=spec.vq, **overrides)
-    return llamagen_teacher_config(_LLAMAGEN_SIZES[spec.size], **overrides)
 
 
 def build_ar_diffusion(teacher: nn.Module, spec: TeacherSpec, head: HeadSpec) -> ARDiffusion:

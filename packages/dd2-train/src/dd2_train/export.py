@@ -2,7 +2,11 @@
 
 The generator weights are the EMA (export.use_ema, the paper's evaluated weights) or the raw generator; the decoder
 is the teacher family's VQ decoder (none for the toy teacher, whose tokens are the output). `teacher_ref.json`
-records which teacher (and sampling policy) the generator was distilled from, for teacher-refined sampling.
+records which teacher (and sampling policy) the generator was distilled from, for teacher-refined sampling and
+`dd2-eval bench`: `dd2_teachers.registry.load_teacher(ref)` rebuilds exactly that teacher (the adapt stage's output
+when the run used it; for a custom LlamaGen size its `gpt` and `vq` sizes; `sample_input`). Paths are absolute, so
+that the pipeline folder can be used from any working directory. `source_checkpoint` and `weights` say which
+weights were exported.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from dd2_core.generator import OneStepGenerator
 from dd2_core.pipeline import OneStepPipeline
-from dd2_train.build import build_ar_diffusion, build_teacher
+from dd2_train.build import build_ar_diffusion, teacher_from_ref, teacher_ref
 from dd2_train.checkpoint import module_weights, read_manifest
 from dd2_train.config import ConfigError, TrainConfig
 
@@ -33,7 +37,11 @@ def _generator_weights(step_dir: Path, use_ema: bool) -> dict[str, torch.Tensor]
 
 def export_pipeline(cfg: TrainConfig, step_dir: Path, out: Path, *, device: torch.device | str = "cpu") -> Path:
     """Write the pipeline folder `out` from checkpoint `step_dir`; returns `out`."""
-    teacher = build_teacher(cfg.teacher, device=torch.device(device), dtype=torch.float32, run_dir=cfg.run_dir)
+    ref = teacher_ref(cfg.teacher, cfg.run_dir)
+    for key in ("ckpt", "vq_ckpt"):
+        if ref[key] is not None:
+            ref[key] = str(Path(ref[key]).absolute())
+    teacher = teacher_from_ref(ref, cfg.teacher, device=torch.device(device), dtype=torch.float32)
     generator = OneStepGenerator(build_ar_diffusion(teacher, cfg.teacher, cfg.head))
     generator.load_state_dict(_generator_weights(step_dir, cfg.export.use_ema))
     backbone = generator.backbone
@@ -53,15 +61,13 @@ def export_pipeline(cfg: TrainConfig, step_dir: Path, out: Path, *, device: torc
         decoder_name=decoder_name,
         decoder_config=decoder_cfg,
     )
-    teacher_ref = {
-        "family": cfg.teacher.family,
-        "size": cfg.teacher.size,
-        "ckpt": str(cfg.teacher.ckpt),
-        "vq_ckpt": str(cfg.teacher.vq_ckpt) if cfg.teacher.vq_ckpt is not None else None,
-        "policy": teacher.policy.model_dump(mode="json"),
+    ref |= {
+        "policy": teacher.policy.model_dump(mode="json"),  # the policy in effect, family defaults included
         "source_checkpoint": str(step_dir),
         "weights": "ema" if cfg.export.use_ema else "generator",
     }
-    pipe.save_pretrained(out, teacher_ref=teacher_ref)
-    logger.info("exported %s weights of %s to %s", teacher_ref["weights"], step_dir, out)
+    if cfg.teacher.family == "llamagen":
+        ref["sample_input"] = teacher.cfg.sample_input
+    pipe.save_pretrained(out, teacher_ref=ref)
+    logger.info("exported %s weights of %s to %s", ref["weights"], step_dir, out)
     return out
