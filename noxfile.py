@@ -1,7 +1,7 @@
 """Sessions for the dd2 monorepo. They run in the interpreter nox was started from (`.venv`, made by `.ci/setup`):
 
 .venv/bin/nox -s lint layering tests    # what CI runs (README)
-.venv/bin/nox -s demo                   # the main job on the embedded default
+.venv/bin/nox -s demo                   # the main job: the Fashion-MNIST demo (runs/demo/report)
 .venv/bin/nox -s proof                  # the exact CSD proof at full size, JSON in runs/proof.json
 """
 
@@ -82,6 +82,7 @@ def proof(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
-    """The main job on the embedded default: distil the enumerable toy teacher into one step and print the table."""
+    """The main job: Fashion-MNIST pixels -> tokenizer -> LlamaGen teacher -> DD2 one-step, ending in the comparison
+    table (runs/demo/report/). A second run reuses every finished step. Extra arguments go to demo/fashion_mnist.py."""
     _in_venv(session)
-    session.run(sys.executable, "-m", "dd2_train.proof", "--preset", "ci", "--out", "runs/demo.json", external=True)
+    session.run(sys.executable, "demo/fashion_mnist.py", "--out", "runs/demo", *session.posargs, external=True)

@@ -89,6 +89,52 @@ def test_generator_step_gives_the_guidance_no_gradient(nets):
     assert all(p.requires_grad for p in gui.parameters())  # frozen only during the step
 
 
+class _NoStep(TorchUpdater):
+    """Records the loss and the generator gradient of one step; applies nothing."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        super().__init__(torch.optim.SGD(self.params, lr=0.0))
+
+    def step(self):
+        self.grads = [p.grad.detach().clone() for p in self.params]
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def test_generator_step_csd_draws_average_the_loss_of_independent_draws(nets):
+    from dd2_core.losses import csd_loss
+
+    teacher, model = nets
+    gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+    for p in gui.head.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    labels = torch.zeros(8, dtype=torch.long)
+
+    def step(draws: int):
+        up = _NoStep(gen.parameters())
+        m = generator_step(
+            gen, up, gui, teacher, labels, CSDConfig(csd_draws=draws), rng=torch.Generator().manual_seed(3)
+        )
+        return m["loss_csd"], up.grads
+
+    # the same random stream by hand: noise, then (t, eps') per draw
+    rng = torch.Generator().manual_seed(3)
+    cfg = CSDConfig()
+    with torch.no_grad():
+        q = gen(gen.sample_noise(8, generator=rng), labels)
+        log_probs, f = teacher.log_probs(q, labels), gui.features(q, labels)
+        losses = []
+        for _ in range(2):
+            t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(*q.shape[:2], 1, generator=rng)
+            eps = torch.randn(q.shape, generator=rng)
+            losses.append(csd_loss(q, gui.head, f, log_probs, teacher.codebook, t, eps).mean())
+    one, g1 = step(1)
+    two, g2 = step(2)
+    torch.testing.assert_close(one, losses[0])
+    torch.testing.assert_close(two, (losses[0] + losses[1]) / 2)
+    assert g1 and any(not torch.equal(a, b) for a, b in zip(g1, g2, strict=True))  # a second draw changes it
+
+
 def test_csd_round_runs_k_guidance_updates_and_is_seeded(nets):
     teacher, model = nets
 

@@ -83,7 +83,15 @@ def setup(tmp_path_factory) -> dict:
             "optim": {"lr": 1e-3, "warmup_steps": 3},
             "data": {"num_workers": 2, "shuffle_buffer": 8},
         },
-        "csd": {"steps": 6, "batch_size": 8, "grad_accum": 2, "guidance_updates": 2, "ema_max_decay": 0.99},
+        "csd": {
+            "steps": 6,
+            "batch_size": 8,
+            "grad_accum": 2,
+            "guidance_updates": 2,
+            "ema_max_decay": 0.99,
+            "guidance_prefit": 2,
+            "csd_draws": 2,
+        },
         "align": {"steps": 2, "batch_size": 8},
         "checkpoint": {"every": 2, "keep_last": 0},
         "log": {"every": 1},
@@ -127,6 +135,7 @@ def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
     # csd: the progressive EMA rate after 6 generator updates
     csd_log = _log(run / "csd")
     assert csd_log[6]["ema_decay"] == pytest.approx(min(0.99, 6 / 15))
+    assert "csd guidance pre-fit 2/2" in (run / "csd" / "log.txt").read_text()  # before round 1 of a fresh run
     # export: the pipeline holds the EMA generator of the last csd checkpoint and generates
     pipe = OneStepPipeline.from_pretrained(run / "pipeline")
     ema = read_state_dict(RunFolder(run / "csd").latest_checkpoint() / "ema.safetensors")

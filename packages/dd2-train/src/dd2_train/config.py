@@ -182,6 +182,13 @@ class CSDStage(_Batched, CSDConfig):
     generator: OptimSpec
     guidance: OptimSpec
     ema_max_decay: float = Field(0.9999, gt=0, lt=1, description="progressive EMA cap (App. E.3)")
+    guidance_prefit: int = Field(
+        0,
+        ge=0,
+        description="not in the paper (0 = off): FCS updates of the guidance alone before the first generator update "
+        "of a fresh run, like performance alignment (App. C.3): psi starts as a copy of A, near the teacher, and CSD "
+        "has little signal until psi describes the generator",
+    )
     init_from: Path | None = Field(
         None, description="gts, align or csd stage folder to start from; default <run_dir>/gts"
     )

@@ -85,6 +85,9 @@ class CSDConfig(BaseModel):
 
     guidance_updates: int = Field(5, ge=1, description="K guidance (FCS) updates per generator update")
     fcs_draws: int = Field(4, ge=1, description="m (t, eps) draws per generated token in FCS (App. C.2)")
+    csd_draws: int = Field(
+        1, ge=1, description="not in the paper (1): (t, eps') draws per token in the generator's CSD loss, averaged"
+    )
     t_min: float = Field(0.02, gt=0.0, lt=1.0, description="t ~ U[t_min, t_max] per token, CSD and FCS")
     t_max: float = Field(0.98, gt=0.0, le=1.0, description="upper end of t")
     weighting: Literal["sid", "none"] = Field("sid", description="'sid': omega = 1/mean|q - f_teacher| (no grad)")
@@ -206,10 +209,13 @@ def generator_step(
     with torch.no_grad():
         log_probs = teacher.log_probs(prefix, labels)  # (B, N, V)
         f = guidance.features(prefix, labels)  # (B, N, D)
-    t = _per_token_t(q.shape[:2], cfg.t_min, cfg.t_max, q, rng)
-    eps = _randn_like(q, rng)
     with frozen(guidance):
-        loss = csd_loss(q, guidance.head, f, log_probs, teacher.codebook, t, eps, weighting=cfg.weighting).mean()
+        loss = q.new_zeros((), dtype=torch.float32)
+        for _ in range(cfg.csd_draws):  # the teacher and guidance features above are shared by all draws
+            t = _per_token_t(q.shape[:2], cfg.t_min, cfg.t_max, q, rng)
+            eps = _randn_like(q, rng)
+            draw = csd_loss(q, guidance.head, f, log_probs, teacher.codebook, t, eps, weighting=cfg.weighting)
+            loss = loss + draw.mean() / cfg.csd_draws
         updater.backward(loss)
     updater.step()
     return {"loss_csd": loss.detach()}

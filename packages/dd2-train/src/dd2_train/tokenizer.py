@@ -55,9 +55,16 @@ class VQTrainConfig(BaseModel):
     log_every: int = Field(50, ge=1, description="log a line every N steps")
 
 
+def _as_tensor(images: np.ndarray | Tensor) -> Tensor:
+    """A tensor view of images; read-only arrays (np.load with mmap, np.frombuffer) are copied, not aliased."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()
+    return torch.as_tensor(images)
+
+
 def to_vq_input(images: np.ndarray | Tensor) -> Tensor:
     """uint8 grey (B, H, W) or RGB (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (grey replicated to 3 channels)."""
-    x = torch.as_tensor(images)
+    x = _as_tensor(images)
     if x.dtype != torch.uint8 or x.dim() not in (3, 4) or (x.dim() == 4 and x.shape[-1] != 3):
         raise DD2ValueError(f"images: expected uint8 (B, H, W) or (B, H, W, 3), got {x.dtype} {tuple(x.shape)}")
     x = x.float() / 127.5 - 1.0
@@ -121,7 +128,7 @@ def train_vq(vq: LlamaGenVQ, images: np.ndarray | Tensor, cfg: VQTrainConfig) ->
 
     Batches are drawn without replacement epoch by epoch from a generator seeded by cfg.seed.
     """
-    data = torch.as_tensor(images)
+    data = _as_tensor(images)
     n = data.shape[0]
     check_image_size(vq.cfg, data.shape[1], data.shape[2])
     device = next(vq.parameters()).device
@@ -173,7 +180,7 @@ def train_vq(vq: LlamaGenVQ, images: np.ndarray | Tensor, cfg: VQTrainConfig) ->
 @torch.no_grad()
 def encode_images(vq: LlamaGenVQ, images: np.ndarray | Tensor, *, batch_size: int = 500) -> Tensor:
     """Token ids of uint8 images in raster order.  Shapes: (M, H, W[, 3]) -> ids (M, N) int64 on CPU."""
-    data = torch.as_tensor(images)
+    data = _as_tensor(images)
     device = next(vq.parameters()).device
     out = [vq.encode(to_vq_input(data[i : i + batch_size]).to(device)).cpu() for i in range(0, len(data), batch_size)]
     return torch.cat(out)

@@ -576,6 +576,8 @@ def run_csd(ctx: StageContext) -> None:
 
     gen_engine.train()
     gui_engine.train()
+    if start == 0 and sec.guidance_prefit:  # fresh run only: a resumed run has its guidance in the checkpoint
+        _guidance_prefit(ctx, gui_engine, gen_engine.module, labels, step_cfg, codebook)
     for step in loop.steps():
         gui_acc: dict[str, Tensor] = {}
         for _ in range(step_cfg.guidance_updates):  # K guidance updates (DD2 Alg. 1) ...
@@ -608,6 +610,25 @@ def run_csd(ctx: StageContext) -> None:
         }
         loop.after(step, gui_acc | gen_acc | extras, save)
     loop.close()
+
+
+def _guidance_prefit(
+    ctx: StageContext, gui_engine, generator: nn.Module, labels, step_cfg: CSDConfig, codebook
+) -> None:
+    """`csd.guidance_prefit` FCS updates of the guidance alone (the generator is only sampled), before round 1."""
+    sec = ctx.cfg.csd
+    tic, acc = time.perf_counter(), {}
+    for i in range(sec.guidance_prefit):
+        acc = {}
+        for _ in range(sec.grad_accum):
+            with ctx.autocast():
+                m = guidance_step(gui_engine.module, gui_engine, generator, labels(), step_cfg, codebook=codebook,
+                                  rng=ctx.rng)  # fmt: skip
+            acc = _accumulate(acc, m, sec.grad_accum)
+        if (i + 1) % ctx.cfg.log.every == 0 or i + 1 == sec.guidance_prefit:
+            loss = {k: float(v) for k, v in acc.items()}
+            logger.info("csd guidance pre-fit %d/%d | %s | %.1f s", i + 1, sec.guidance_prefit, loss,
+                        time.perf_counter() - tic)  # fmt: skip
 
 
 def run_align(ctx: StageContext) -> None:
