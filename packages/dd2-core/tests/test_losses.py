@@ -94,3 +94,45 @@ def test_csd_sid_weight_is_detached_and_positive():
         x_t = (1 - t) * q + t * eps
         omega = 1 / (q - teacher_x0_hat(x_t, t, log_probs, codebook)).abs().mean(-1).clamp_min(1e-5)
     torch.testing.assert_close(a, omega * b)
+
+
+class ConstantHead(nn.Module):
+    """A residual 'head' predicting a fixed velocity offset."""
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = nn.Parameter(torch.as_tensor(offset, dtype=torch.float32))
+
+    def forward(self, x_t, t, f):
+        return self.offset.expand_as(x_t)
+
+
+def test_residual_guidance_is_the_teacher_plus_the_head():
+    codebook, log_probs, x0, t, eps = _setup(seed=3)
+    f = torch.zeros(*x0.shape[:2], 5)
+    # FCS: with a zero residual the prediction is exactly the teacher's velocity
+    zero = ConstantHead(0.0)
+    got = fcs_loss(zero, x0, f, t, eps, teacher_log_probs=log_probs, codebook=codebook)
+    x_t = noisy(x0, eps, t)
+    want = (teacher_velocity(x_t, t, log_probs, codebook) - velocity(x0, eps)).pow(2).mean(-1)
+    torch.testing.assert_close(got, want)
+    # the residual is added to it, and only the head gets a gradient
+    shift = ConstantHead(0.3)
+    loss = fcs_loss(shift, x0, f, t, eps, teacher_log_probs=log_probs, codebook=codebook)
+    torch.testing.assert_close(
+        loss, (teacher_velocity(x_t, t, log_probs, codebook) + 0.3 - velocity(x0, eps)).pow(2).mean(-1)
+    )
+    loss.sum().backward()
+    assert shift.offset.grad is not None and shift.offset.grad != 0
+    # CSD: a zero residual means psi == teacher: loss and generator gradient vanish exactly
+    q = x0.clone().requires_grad_(True)
+    csd = csd_loss(q, zero, f, log_probs, codebook, t, eps, weighting="none", residual=True)
+    assert csd.abs().max() == 0
+    csd.sum().backward()
+    assert q.grad.abs().max() == 0
+    # a non-zero residual r: f_Phi - f_psi = t r, so L = (t r) . (f_Phi - t r - q)
+    q2 = x0.clone().requires_grad_(True)
+    r = ConstantHead(0.2)
+    csd = csd_loss(q2, r, f, log_probs, codebook, t, eps, weighting="none", residual=True)
+    f_teacher = teacher_x0_hat(noisy(x0, eps, t), t, log_probs, codebook)
+    torch.testing.assert_close(csd, (t * 0.2 * (f_teacher - t * 0.2 - x0)).sum(-1))

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_image_pipeline_round_trip_and_cli(tmp_path):
     h, w = out.images.shape[1:3]
     with Image.open(png) as im:
         assert im.size == (3 * w, 2 * h)
+    # --out-dir: one grid per class
+    res = subprocess.run(
+        [sys.executable, "-m", "dd2_core.cli", "sample", "--pipeline", str(tmp_path / "p"), "--classes", "0,4",
+         "--per-class", "16", "--out-dir", str(tmp_path / "grids"), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    files = json.loads(res.stdout)["files"]
+    assert [Path(f).name for f in files] == ["class_0000.png", "class_0004.png"]
+    for f in files:
+        with Image.open(f) as im:
+            assert im.size == (8 * w, 2 * h)
 
 
 def test_bad_folders_and_labels(tmp_path):

@@ -181,3 +181,26 @@ def test_configs_reject_bad_values():
         CSDConfig(guidance_updates=0)
     with pytest.raises(ValidationError, match="extra"):
         GTSConfig(tmin=0.1)
+
+
+def test_residual_guidance_starts_at_the_teacher_and_needs_it(nets):
+    from dd2_train.steps import start_residual_guidance
+
+    teacher, model = nets
+    gen, gui = OneStepGenerator.from_ar_diffusion(model), start_residual_guidance(copy.deepcopy(model))
+    assert gui.head.final.linear.weight.abs().max() == 0  # zero residual: psi == teacher exactly
+    cfg = CSDConfig(guidance_residual=True, snap_prefix=True)
+    labels = torch.zeros(8, dtype=torch.long)
+    up = TorchUpdater(torch.optim.Adam(gui.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="needs the teacher"):
+        guidance_step(gui, up, gen, labels, cfg, rng=torch.Generator().manual_seed(0))
+    # with a zero residual the generator gets no CSD signal (psi is the teacher) ...
+    gen_up = _NoStep(gen.parameters())
+    m = generator_step(gen, gen_up, gui, teacher, labels, cfg, rng=torch.Generator().manual_seed(1))
+    assert m["loss_csd"] == 0 and all(g.abs().max() == 0 for g in gen_up.grads)
+    # ... until FCS has fitted the residual to the generator's samples
+    for i in range(3):
+        guidance_step(gui, up, gen, labels, cfg, teacher=teacher, rng=torch.Generator().manual_seed(2 + i))
+    assert gui.head.final.linear.weight.abs().max() > 0
+    m = generator_step(gen, gen_up, gui, teacher, labels, cfg, rng=torch.Generator().manual_seed(1))
+    assert m["loss_csd"] != 0 and any(g.abs().max() > 0 for g in gen_up.grads)

@@ -91,6 +91,7 @@ def setup(tmp_path_factory) -> dict:
             "ema_max_decay": 0.99,
             "guidance_prefit": 2,
             "csd_draws": 2,
+            "guidance_residual": True,  # the trainer passes the teacher to every guidance step (csd, pre-fit, align)
         },
         "align": {"steps": 2, "batch_size": 8},
         "checkpoint": {"every": 2, "keep_last": 0},

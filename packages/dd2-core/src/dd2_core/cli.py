@@ -62,10 +62,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     out = pipe(labels, seed=args.seed)
     seconds = time.perf_counter() - tic
-    save_png(image_grid(out.images, rows=len(classes)), args.out)
-    summary = {"out": str(args.out), "classes": classes, "images": int(labels.numel()), "seconds": seconds,
-               "device": str(device)}  # fmt: skip
-    print(json.dumps(summary) if args.json else f"wrote {args.out}: {labels.numel()} images in {seconds:.2f} s")
+    if args.out_dir is not None:  # one grid per class: class_<id>.png, rows of 8 when per_class is a multiple of 8
+        rows = args.per_class // 8 if args.per_class % 8 == 0 else 1
+        written = []
+        for j, c in enumerate(classes):
+            images = out.images[j * args.per_class : (j + 1) * args.per_class]
+            path = args.out_dir / f"class_{c:04d}.png"
+            save_png(image_grid(images, rows=rows), path)
+            written.append(str(path))
+        target = str(args.out_dir)
+    else:
+        save_png(image_grid(out.images, rows=len(classes)), args.out)
+        written, target = [str(args.out)], str(args.out)
+    summary = {"out": target, "files": written, "classes": classes, "images": int(labels.numel()),
+               "seconds": seconds, "device": str(device)}  # fmt: skip
+    print(json.dumps(summary) if args.json else f"wrote {target}: {labels.numel()} images in {seconds:.2f} s")
     return 0
 
 
@@ -78,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="", help="comma-separated class ids (default: the first 10 classes)")
     p.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG")
+    p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (one row per class)")
+    p.add_argument("--out-dir", type=Path, default=None, help="instead: one PNG grid per class, DIR/class_<id>.png")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_sample)

@@ -46,19 +46,40 @@ def gts_loss(
     return (v.float() - v_teacher.float()).pow(2).mean(-1)
 
 
-def fcs_loss(head: VelocityHead, x0: Tensor, f: Tensor, t: Tensor, eps: Tensor, num_draws: int = 1) -> Tensor:
+def fcs_loss(
+    head: VelocityHead,
+    x0: Tensor,
+    f: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    num_draws: int = 1,
+    *,
+    teacher_log_probs: Tensor | None = None,
+    codebook: Tensor | None = None,
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
     """Fake conditional score loss (DD2 Eq. 5), velocity form: denoising score matching on generator samples.
 
         L = || v_psi(x_t, t | f) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps   (mean over C)
 
     x0 are generator tokens, already sg(.)-detached by the caller; f = guidance backbone(sg(x0)). M = num_draws
     (t, eps) pairs per token (DD2 App. C.2, like MAR's diffusion_batch_mul) share one backbone pass.
-    Shapes: x0 (B, N, C), f (B, N, D), t (M*B, N, 1), eps (M*B, N, C) -> (M*B, N).
+    Residual guidance (not in the paper; `teacher_log_probs` and `codebook` given, the teacher's p(.|sg(x0)_<i)):
+    v_psi = v_teacher(x_t, t | p) + head(x_t, t | f), so the head learns only the generator-minus-teacher residual.
+    Shapes: x0 (B, N, C), f (B, N, D), t (M*B, N, 1), eps (M*B, N, C), teacher_log_probs (B, N, V) -> (M*B, N).
     """
     x0 = repeat(x0, "b n c -> (m b) n c", m=num_draws)  # (M*B, N, C)
     f = repeat(f, "b n d -> (m b) n d", m=num_draws)  # (M*B, N, D)
     x_t = noisy(x0, eps, t)
-    return (head(x_t, t, f).float() - velocity(x0, eps).float()).pow(2).mean(-1)
+    v = head(x_t, t, f).float()
+    if teacher_log_probs is not None:
+        if codebook is None:
+            raise ValueError("fcs_loss: residual guidance needs the codebook with teacher_log_probs")
+        lp = repeat(teacher_log_probs, "b n v -> (m b) n v", m=num_draws)
+        with torch.no_grad():
+            v_teacher = teacher_velocity(x_t, t, lp, codebook, chunk_rows=chunk_rows).float()
+        v = v + v_teacher
+    return (v - velocity(x0, eps).float()).pow(2).mean(-1)
 
 
 def csd_loss(
@@ -71,6 +92,7 @@ def csd_loss(
     eps: Tensor,
     *,
     weighting: Literal["sid", "none"] = "sid",
+    residual: bool = False,
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> Tensor:
     """Conditional score distillation (DD2 Eq. 4) with the SiD discrepancy (Eq. 3) at alpha = 1, x0-form:
@@ -81,6 +103,9 @@ def csd_loss(
         omega    = 1 / mean_C |q - f_Phi|                      ('sid', no gradient; 'none': omega = 1)
         L        = omega * (f_Phi - f_psi) . (f_psi - q)       (sum over C)
 
+    With `residual` (not in the paper) the guidance head predicts only a residual velocity on top of the teacher's:
+    f_psi = f_Phi - t v_psi (see fcs_loss), so f_Phi - f_psi = t v_psi and the guidance has no error floor of its own
+    where the generator already matches the teacher.
     The gradient reaches the generator only through q: directly and through x_t in both denoisers. The caller
     computes log_probs and f_guidance on sg(q) and must keep the guidance head's parameters out of the generator's
     update (their gradients are not wanted; see dd2_train.steps.generator_step).
@@ -89,7 +114,8 @@ def csd_loss(
     """
     x_t = noisy(x0, eps, t)
     f_teacher = teacher_x0_hat(x_t, t, log_probs, codebook, chunk_rows=chunk_rows).float()  # (B, N, C)
-    f_fake = x0_from_v(x_t, guidance_head(x_t, t, f_guidance), t).float()  # (B, N, C)
+    v_psi = guidance_head(x_t, t, f_guidance).float()
+    f_fake = f_teacher - t * v_psi if residual else x0_from_v(x_t, v_psi, t).float()  # (B, N, C)
     q = x0.float()
     if weighting == "sid":
         with torch.no_grad():

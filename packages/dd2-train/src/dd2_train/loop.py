@@ -29,6 +29,7 @@ from dd2_train.steps import (
     gts_step,
     guidance_step,
     regression_step,
+    start_residual_guidance,
 )
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ def train_csd(
     performance alignment, App. C.3): psi starts as a copy of A, i.e. near the *teacher*, and CSD has no signal until
     psi describes the generator. `on_round(round, generator, ema)` is called after every round (evaluation hooks).
     """
+    if cfg.guidance_residual:  # psi = teacher + residual: the residual starts at zero
+        start_residual_guidance(guidance)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     gen_opt, gui_opt = adam(generator.parameters(), lr_generator), adam(guidance.parameters(), lr_guidance)
     gen_up = TorchUpdater(gen_opt, clip=1.0, scheduler=warmup(gen_opt, warmup_steps) if warmup_steps else None)
@@ -165,7 +168,7 @@ def train_csd(
     generator.train()
     guidance.train()
     for _ in range(guidance_prefit):
-        guidance_step(guidance, gui_up, generator, next_labels(), cfg, codebook=teacher.codebook, rng=rng)
+        guidance_step(guidance, gui_up, generator, next_labels(), cfg, teacher=teacher, rng=rng)
     while _budget_left(t0, step, steps, seconds):
         metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng)
         ema_update(ema, generator, step, ema_max_decay)

@@ -94,6 +94,12 @@ class CSDConfig(BaseModel):
     snap_prefix: bool = Field(
         False, description="not in the paper: teacher and guidance condition on the prefix snapped to nearest codes"
     )
+    guidance_residual: bool = Field(
+        False,
+        description="not in the paper: the guidance predicts the teacher's exact velocity plus a learned residual "
+        "(its output layer zeroed at the start of CSD), so it starts at the teacher instead of at A's approximation "
+        "and needs a teacher forward pass per guidance update",
+    )
 
     @model_validator(mode="after")
     def _t_range(self) -> CSDConfig:
@@ -129,6 +135,19 @@ def _prefix(tokens: Tensor, codebook: Tensor, snap: bool) -> Tensor:
     if snap:
         tokens = codebook.to(tokens.device, tokens.dtype)[nearest_code(tokens, codebook)]
     return tokens
+
+
+@torch.no_grad()
+def start_residual_guidance(guidance: ARDiffusion) -> ARDiffusion:
+    """Zero the guidance head's output layer: with csd.guidance_residual it then equals the teacher exactly.
+
+    Called once when CSD starts from model A (not on resume). The rest of A's head and backbone is kept as features.
+    """
+    final = guidance.head.final.linear
+    final.weight.zero_()
+    if final.bias is not None:
+        final.bias.zero_()
+    return guidance
 
 
 def gts_step(
@@ -167,21 +186,30 @@ def guidance_step(
     cfg: CSDConfig,
     *,
     codebook: Tensor | None = None,
+    teacher: Teacher | None = None,
     rng: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """One FCS update of the guidance network on fresh generator samples (DD2 Eq. 5, m draws per token).
 
-    `codebook` is needed only with cfg.snap_prefix.  Shapes: labels (B,).
+    `codebook` is needed only with cfg.snap_prefix, `teacher` only with cfg.guidance_residual.  Shapes: labels (B,).
     """
+    if cfg.guidance_residual and teacher is None:
+        raise ValueError("guidance_step: csd.guidance_residual needs the teacher (teacher=...)")
+    if teacher is not None and codebook is None:
+        codebook = teacher.codebook
     with torch.no_grad():
         noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
         q = generator(noise, labels)  # (B, N, C), sg(.) by no_grad
     prefix = _prefix(q, codebook, cfg.snap_prefix) if cfg.snap_prefix else q
     f = guidance.features(prefix, labels)  # (B, N, D)
+    residual = {}
+    if cfg.guidance_residual:
+        with torch.no_grad():
+            residual = {"teacher_log_probs": teacher.log_probs(prefix, labels), "codebook": teacher.codebook}
     m = cfg.fcs_draws
     t = _per_token_t((m * q.shape[0], q.shape[1]), cfg.t_min, cfg.t_max, q, rng)
     eps = torch.randn((m * q.shape[0], *q.shape[1:]), device=q.device, dtype=q.dtype, generator=rng)
-    loss = fcs_loss(guidance.head, q, f, t, eps, num_draws=m).mean()
+    loss = fcs_loss(guidance.head, q, f, t, eps, num_draws=m, **residual).mean()
     updater.backward(loss)
     updater.step()
     return {"loss_fcs": loss.detach()}
@@ -214,7 +242,8 @@ def generator_step(
         for _ in range(cfg.csd_draws):  # the teacher and guidance features above are shared by all draws
             t = _per_token_t(q.shape[:2], cfg.t_min, cfg.t_max, q, rng)
             eps = _randn_like(q, rng)
-            draw = csd_loss(q, guidance.head, f, log_probs, teacher.codebook, t, eps, weighting=cfg.weighting)
+            draw = csd_loss(q, guidance.head, f, log_probs, teacher.codebook, t, eps, weighting=cfg.weighting,
+                            residual=cfg.guidance_residual)  # fmt: skip
             loss = loss + draw.mean() / cfg.csd_draws
         updater.backward(loss)
     updater.step()
@@ -275,7 +304,5 @@ def csd_round(
     """K guidance updates then one generator update (DD2 Alg. 1): the unit that every CSD driver repeats."""
     metrics: dict[str, Tensor] = {}
     for _ in range(cfg.guidance_updates):
-        metrics = guidance_step(
-            guidance, gui_updater, generator, next_labels(), cfg, codebook=teacher.codebook, rng=rng
-        )
+        metrics = guidance_step(guidance, gui_updater, generator, next_labels(), cfg, teacher=teacher, rng=rng)
     return metrics | generator_step(generator, gen_updater, guidance, teacher, next_labels(), cfg, rng=rng)

@@ -65,6 +65,7 @@ from dd2_train.steps import (
     generator_step,
     gts_step,
     guidance_step,
+    start_residual_guidance,
 )
 
 logger = logging.getLogger(__name__)
@@ -544,6 +545,8 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None)
                 ema = copy.deepcopy(generator)
                 ema.load_state_dict(module_weights(step_dir, "ema"))
         logger.info("initialised from %s (%s)", step_dir, sorted(modules))
+    if cfg.csd.guidance_residual and (init_from is None or "model" in modules):
+        start_residual_guidance(guidance)  # psi = teacher + residual (from A: the residual starts at zero)
     if ema is None:
         ema = copy.deepcopy(generator)
     ema.requires_grad_(False).eval()
@@ -566,7 +569,6 @@ def run_csd(ctx: StageContext) -> None:
     loop = _Loop(ctx, sec.steps, sec.batch_size, start)
     step_cfg = CSDConfig.model_validate(sec.model_dump(include=set(CSDConfig.model_fields)))
     micro = gen_engine.train_micro_batch_size_per_gpu()
-    codebook = teacher.codebook
 
     def labels() -> Tensor:
         return torch.randint(teacher.num_classes, (micro,), generator=ctx.rng, device=ctx.device)
@@ -577,7 +579,7 @@ def run_csd(ctx: StageContext) -> None:
     gen_engine.train()
     gui_engine.train()
     if start == 0 and sec.guidance_prefit:  # fresh run only: a resumed run has its guidance in the checkpoint
-        _guidance_prefit(ctx, gui_engine, gen_engine.module, labels, step_cfg, codebook)
+        _guidance_prefit(ctx, gui_engine, gen_engine.module, labels, step_cfg, teacher)
     for step in loop.steps():
         gui_acc: dict[str, Tensor] = {}
         for _ in range(step_cfg.guidance_updates):  # K guidance updates (DD2 Alg. 1) ...
@@ -590,7 +592,7 @@ def run_csd(ctx: StageContext) -> None:
                         gen_engine.module,
                         labels(),
                         step_cfg,
-                        codebook=codebook,
+                        teacher=teacher,
                         rng=ctx.rng,
                     )
                 gui_acc = _accumulate(gui_acc, m, sec.grad_accum)
@@ -612,9 +614,7 @@ def run_csd(ctx: StageContext) -> None:
     loop.close()
 
 
-def _guidance_prefit(
-    ctx: StageContext, gui_engine, generator: nn.Module, labels, step_cfg: CSDConfig, codebook
-) -> None:
+def _guidance_prefit(ctx: StageContext, gui_engine, generator: nn.Module, labels, step_cfg: CSDConfig, teacher) -> None:
     """`csd.guidance_prefit` FCS updates of the guidance alone (the generator is only sampled), before round 1."""
     sec = ctx.cfg.csd
     tic, acc = time.perf_counter(), {}
@@ -622,7 +622,7 @@ def _guidance_prefit(
         acc = {}
         for _ in range(sec.grad_accum):
             with ctx.autocast():
-                m = guidance_step(gui_engine.module, gui_engine, generator, labels(), step_cfg, codebook=codebook,
+                m = guidance_step(gui_engine.module, gui_engine, generator, labels(), step_cfg, teacher=teacher,
                                   rng=ctx.rng)  # fmt: skip
             acc = _accumulate(acc, m, sec.grad_accum)
         if (i + 1) % ctx.cfg.log.every == 0 or i + 1 == sec.guidance_prefit:
@@ -662,7 +662,7 @@ def run_align(ctx: StageContext) -> None:
             labels = torch.randint(teacher.num_classes, (micro,), generator=ctx.rng, device=ctx.device)
             with ctx.autocast():
                 m = guidance_step(
-                    gui_engine.module, gui_engine, generator, labels, step_cfg, codebook=teacher.codebook, rng=ctx.rng
+                    gui_engine.module, gui_engine, generator, labels, step_cfg, teacher=teacher, rng=ctx.rng
                 )
             acc = _accumulate(acc, m, sec.grad_accum)
         loop.after(step, acc | {"lr_guidance": torch.tensor(eng.engine_lr(gui_engine))}, save)
