@@ -1,0 +1,189 @@
+"""The embedded default demo end to end (issue: embedded default), and sampling with dd2-core alone.
+
+`python demo/fashion_mnist.py --preset ci` runs the whole demo at a reduced size: a VQ tokenizer and a LlamaGen
+teacher trained from Fashion-MNIST pixels, DD2 through the real stages under the deepspeed launcher, the report.
+The test checks that CSD clearly improves the one-step generator over its GTS initialisation (toy FD and the
+teacher's NLL of its samples), that its recall stays above a floor that a collapsed generator (one sample per class,
+repeated) fails, that a second run reuses every finished step, and that the exported pipeline loads and samples in a
+fresh virtual environment where only dd2-core is installed (dd2_teachers, dd2_train, dd2_eval are not importable).
+
+Fresh-venv method: `venv` without pip (seconds), dd2-core built as a wheel from the repo and installed into it with
+this venv's pip (`pip --python`), and its third-party dependencies made visible through one .pth line pointing at a
+folder of symlinks to exactly the distributions in dd2-core's declared dependency closure (torch, numpy, einops,
+pydantic, safetensors, pillow and what they require), taken from this venv: no network, no second copy of torch,
+and nothing else of this venv (no dd2 package, no deepspeed) on the new interpreter's path.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import venv
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo" / "fashion_mnist.py"
+DATA = Path(os.environ.get("DD2_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+TIMEOUT = 900
+RECALL_FLOOR = 0.03  # DD2's recall must stay above it; one image per class, repeated, scores 0.0
+
+
+def _skip_without_data() -> None:
+    if not (DATA / "train-images-idx3-ubyte.gz").is_file() and not (DATA / "train-images-idx3-ubyte").is_file():
+        pytest.skip(
+            f"Fashion-MNIST not found in {DATA}: `sudo apt-get install dataset-fashion-mnist` (or set "
+            "DD2_FASHION_MNIST to a folder with the four IDX files)"
+        )
+
+
+def _run_demo(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(DEMO), "--out", str(out), "--preset", "ci", "--data", str(DATA)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    _skip_without_data()
+    out = tmp_path_factory.mktemp("demo") / "run"
+    first = _run_demo(out)
+    second = _run_demo(out)
+    return {"out": out, "first": first, "second": second}
+
+
+def _rows(demo) -> dict:
+    return json.loads((demo["out"] / "report" / "report.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_csd_improves_the_generator_and_keeps_recall(demo, capsys):
+    report = json.loads((demo["out"] / "report" / "report.json").read_text())
+    rows = report["rows"]
+    with capsys.disabled():
+        print("\n" + demo["first"].stdout.strip())
+        print("timings:", json.dumps(report["timings"]))
+    one_step, before = rows["dd2"], rows["before_csd"]
+    assert rows["set_prediction"]["fd"] > rows["teacher"]["fd"], "set prediction must be worse than its teacher"
+    assert one_step["fd"] < 0.8 * before["fd"], "CSD must improve clearly on the GTS-initialised generator"
+    assert one_step["nll"] < before["nll"], "CSD must move the samples towards what the teacher finds likely"
+    assert one_step["recall"] > RECALL_FLOOR
+    assert rows["dd2_refine2"]["steps"] == "3" and rows["teacher"]["steps"] == "49"
+    for row in rows.values():
+        assert all(row[k] == row[k] for k in ("fd", "recall", "nll", "latency_ms", "images_per_s")), row  # no NaN
+    for name in ("overview.png", "report.md", *(f"{k}.png" for k in rows)):
+        assert (demo["out"] / "report" / name).is_file(), name
+    per_class = sorted(p.name for p in (demo["out"] / "report" / "dd2_sample").glob("*.png"))
+    assert per_class == [f"class_{c:04d}.png" for c in range(10)]  # `dd2 sample --out-dir`: a grid per class
+
+
+@pytest.mark.slow
+def test_recall_floor_fails_a_collapsed_generator(demo):
+    from dd2_core.pipeline import OneStepPipeline
+    from dd2_eval.toy import ToyFeatureSpace, load_fashion_mnist, load_toy_net
+
+    pipe = OneStepPipeline.from_pretrained(demo["out"] / "pipeline")
+    labels = torch.arange(10).repeat_interleave(50)
+    noise = pipe.generator.sample_noise(10, generator=torch.Generator().manual_seed(0)).repeat_interleave(50, 0)
+    images = pipe(labels, noise=noise).images  # one image per class, 50 times
+    reference, _ = load_fashion_mnist("test", DATA)
+    recall = ToyFeatureSpace(load_toy_net(data_dir=DATA)).metrics(images, reference).recall
+    assert recall < RECALL_FLOOR / 3, f"a collapsed generator reaches recall {recall}"
+
+
+@pytest.mark.slow
+def test_second_run_reuses_every_step(demo):
+    report = json.loads((demo["out"] / "report" / "report.json").read_text())
+    assert report["preset"] == "ci"
+    log = demo["second"].stderr
+    for step in ("tokenizer", "codes", "train", "report"):
+        assert re.search(rf"\[{step}\] reused", log), f"{step} was not reused on the second run:\n{log[-3000:]}"
+    assert "launch:" not in log
+    assert "| DD2 one-step |" in demo["second"].stdout  # the table is printed again
+
+
+def _requirement_names(dist: metadata.Distribution) -> list[str]:
+    """Names of a distribution's unconditional requirements (no extras; environment markers evaluated)."""
+    from packaging.requirements import Requirement
+
+    names = []
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.append(req.name)
+    return names
+
+
+def _dependency_closure(root: str) -> list[metadata.Distribution]:
+    """`root`'s installed requirements, recursively (not `root` itself)."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = _requirement_names(metadata.distribution(root))
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen[name] = dist = metadata.distribution(name)
+        todo += _requirement_names(dist)
+    return list(seen.values())
+
+
+def _link_distributions(dists: list[metadata.Distribution], folder: Path) -> None:
+    """Symlink each distribution's top-level files and folders (and its .dist-info) into `folder`."""
+    folder.mkdir()
+    for dist in dists:
+        site = Path(dist.locate_file(""))
+        tops = {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            if top in ("__pycache__",) or top.endswith(".pth"):
+                continue
+            target = folder / top
+            if (site / top).exists() and not target.exists():
+                target.symlink_to(site / top)
+
+
+@pytest.mark.slow
+def test_pipeline_loads_with_dd2_core_alone(demo, tmp_path):
+    pipeline = demo["out"] / "pipeline"
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())  # fmt: skip
+    deps = tmp_path / "deps"
+    _link_distributions(_dependency_closure("dd2-core"), deps)
+    (site / "dd2_core_deps.pth").write_text(f"{deps}\n")
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT / "packages" / "dd2-core"],
+                   check=True)  # fmt: skip
+    wheel = next(wheels.glob("dd2_core-*.whl"))
+    subprocess.run([*pip, "--python", py, "install", "--no-deps", "--no-index", wheel], check=True)
+    script = f"""
+import importlib.util, json, sys
+from pathlib import Path
+import dd2_core
+from dd2_core.pipeline import OneStepPipeline
+absent = {{m: importlib.util.find_spec(m) is None for m in ("dd2_teachers", "dd2_train", "dd2_eval", "deepspeed")}}
+pipe = OneStepPipeline.from_pretrained({str(pipeline)!r})
+out = pipe([0, 1, 2, 9], seed=0)
+print(json.dumps({{"absent": absent, "core": dd2_core.__file__, "shape": list(out.images.shape),
+                   "dtype": str(out.images.dtype), "prefix": sys.prefix}}))
+"""
+    proc = subprocess.run(
+        [py, "-c", script], capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(result["absent"].values()), f"importable in the fresh venv: {result['absent']}"
+    assert Path(result["core"]).is_relative_to(env_dir), f"dd2_core came from {result['core']}, not the fresh venv"
+    assert result["shape"] == [4, 28, 28, 3] and result["dtype"] == "torch.uint8", result
+    grid = tmp_path / "grid.png"
+    cli = subprocess.run([env_dir / "bin" / "dd2", "sample", "--pipeline", pipeline, "--out", grid, "--per-class", "4"],
+                         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-4000:]
+    assert grid.stat().st_size > 0
