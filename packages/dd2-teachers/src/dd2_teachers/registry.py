@@ -117,6 +117,11 @@ def _toy(ref: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype | N
     return teacher.to(dtype) if dtype is not None else teacher
 
 
+def _overrides(policy: SamplingPolicy | None, compile: bool) -> dict[str, Any]:
+    """Teacher-config fields every family takes from the ref: the compiled decode step and the policy (if given)."""
+    return {"compile": compile} | ({"policy": policy} if policy is not None else {})
+
+
 def _llamagen(
     ref: Mapping[str, Any],
     policy: SamplingPolicy | None,
@@ -130,9 +135,7 @@ def _llamagen(
     from dd2_teachers.llamagen import LlamaGenTeacher, LlamaGenTeacherConfig, llamagen_teacher_config
 
     size = _required(ref, "size")
-    overrides: dict[str, Any] = {"compile": compile}
-    if policy is not None:
-        overrides["policy"] = policy
+    overrides = _overrides(policy, compile)
     sample_input = ref.get("sample_input")
     if sample_input is not None:
         if sample_input not in ("ids", "codes"):
@@ -170,9 +173,7 @@ def _var(
     size = _required(ref, "size")
     if size not in VAR_SIZES:
         raise TeacherRefError("size", f"var sizes are {list(VAR_SIZES)}, got {size!r}")
-    overrides: dict[str, Any] = {"compile": compile}
-    if policy is not None:
-        overrides["policy"] = policy
+    overrides = _overrides(policy, compile)
     if dtype is not None:
         if dtype not in _VAR_DTYPES:
             raise DD2ValueError(f"dtype: the VAR teacher runs in {list(_VAR_DTYPES.values())}, got {dtype}")
