@@ -526,6 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: the Debian path)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="size of the run (default: full)")
+    p.add_argument("--csd-steps", type=int, default=None,
+                   help="CSD rounds instead of the preset's; on a finished run folder CSD resumes from its last "
+                   "checkpoint and continues (the full preset: 800; 3000 measured FD 56 -> 32)")  # fmt: skip
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="training launcher")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--redo-report", action="store_true", help="recompute the report even if it is up to date")
@@ -539,7 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    cfg = DemoConfig.model_validate(PRESETS[args.preset])
+    preset = PRESETS[args.preset]
+    if args.csd_steps is not None:
+        if args.csd_steps < 1:
+            print(f"demo: --csd-steps must be >= 1, got {args.csd_steps}", file=sys.stderr)
+            return 2
+        preset = deep_merge(preset, {"train": {"csd": {"steps": args.csd_steps}}})
+    cfg = DemoConfig.model_validate(preset)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
