@@ -50,3 +50,20 @@ def test_teacher_compiled_note_says_why(tiny_pipeline, tiny_teacher):
     cfg = CFG.model_copy(update={"modes": ("compiled",), "repeats": 1})
     report = bench_pipeline(tiny_pipeline, teacher=tiny_teacher, cfg=cfg, teacher_compiled_note="no compiled step")
     assert report.notes == ["teacher AR compiled: not measured (no compiled step)"]
+
+
+def test_inception_speed_bench_writes_its_json(inception_net, tmp_path):
+    """packages/dd2-eval/bench/inception_speed.py on a few small images: the numbers it reports are consistent."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "inception_speed.py"
+    spec = importlib.util.spec_from_file_location("inception_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    assert bench.main(["--images", "5", "--batch", "2", "--size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 5 and result["spatial"] is True
+    assert result["seconds_per_1000"] == pytest.approx(result["seconds"] * 200)
+    assert result["images_per_s"] == pytest.approx(5 / result["seconds"])
