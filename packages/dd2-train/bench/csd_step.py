@@ -102,7 +102,7 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
 
     def gui_step():
         with autocast:
-            guidance_step(gui.module, gui, gen.module, labels(), cfg, codebook=teacher.codebook, rng=rng)
+            guidance_step(gui.module, gui, gen.module, labels(), cfg, teacher=teacher, rng=rng)
 
     def gen_step():
         with autocast:

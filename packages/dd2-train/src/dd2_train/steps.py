@@ -185,22 +185,19 @@ def guidance_step(
     labels: Tensor,
     cfg: CSDConfig,
     *,
-    codebook: Tensor | None = None,
     teacher: Teacher | None = None,
     rng: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """One FCS update of the guidance network on fresh generator samples (DD2 Eq. 5, m draws per token).
 
-    `codebook` is needed only with cfg.snap_prefix, `teacher` only with cfg.guidance_residual.  Shapes: labels (B,).
+    `teacher` is needed only with cfg.snap_prefix (its codebook) or cfg.guidance_residual.  Shapes: labels (B,).
     """
-    if cfg.guidance_residual and teacher is None:
-        raise ValueError("guidance_step: csd.guidance_residual needs the teacher (teacher=...)")
-    if teacher is not None and codebook is None:
-        codebook = teacher.codebook
+    if teacher is None and (cfg.snap_prefix or cfg.guidance_residual):
+        raise ValueError("guidance_step: csd.snap_prefix and csd.guidance_residual need the teacher (teacher=...)")
     with torch.no_grad():
         noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
         q = generator(noise, labels)  # (B, N, C), sg(.) by no_grad
-    prefix = _prefix(q, codebook, cfg.snap_prefix) if cfg.snap_prefix else q
+    prefix = _prefix(q, teacher.codebook, cfg.snap_prefix) if cfg.snap_prefix else q
     f = guidance.features(prefix, labels)  # (B, N, D)
     residual = {}
     if cfg.guidance_residual:
