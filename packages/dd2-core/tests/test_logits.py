@@ -63,6 +63,15 @@ def test_top_k_ties_keep_all_equal_values_and_k_ge_v_is_noop():
     assert torch.equal(top_k_filter(logits, 4), logits)
 
 
+@pytest.mark.parametrize("k", [1, 7, 50, 99])
+def test_top_k_matches_a_full_sort(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randint(-20, 20, (6, 5, 100), generator=g).float() / 4  # many ties
+    threshold = torch.sort(logits, dim=-1, descending=True).values[..., k - 1 : k]  # the k-th largest, by a sort
+    expect = logits.masked_fill(logits < threshold, float("-inf"))
+    assert torch.equal(top_k_filter(logits, k), expect)
+
+
 def test_policy_errors():
     with pytest.raises(DD2ValueError, match="uncond"):
         policy_log_probs(torch.randn(1, 2, 3), None, SamplingPolicy(cfg_scale=2.0), (1, 1))

@@ -108,6 +108,17 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
         with autocast:
             generator_step(gen.module, gen, gui.module, teacher, labels(), cfg, rng=rng)
 
+    flops = {}  # counted on the eager modules (the same arithmetic as compiled ones; no dispatch mode in graphs)
+    for name, fn in (("guidance_step", gui_step), ("generator_step", gen_step)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    t_compile = None
+    if args.compile:  # the trainer's deepspeed.compile: regional compilation of blocks and heads
+        n = sum(eng.compile_regions(m) for m in (gen.module, gui.module, teacher.model))
+        t_compile = timed(lambda: (gui_step(), gen_step()), device)  # the first calls compile
+        print(f"compiled {n} regions in {t_compile:.1f} s", file=sys.stderr)
     for _ in range(args.warmup):
         gui_step()
         gen_step()
@@ -116,18 +127,29 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
     t_gui = min(timed(gui_step, device) for _ in range(args.repeats))
     t_gen = min(timed(gen_step, device) for _ in range(args.repeats))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    flops = {}
-    for name, fn in (("guidance_step", gui_step), ("generator_step", gen_step)):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        flops[name] = counter.get_total_flops()
+    if args.profile:
+        profile(args.profile, {"guidance_step": gui_step, "generator_step": gen_step}, device)
     n_params = {
         "teacher": sum(p.numel() for p in teacher.model.parameters()),
         "generator": sum(p.numel() for p in gen.module.parameters()),
         "guidance": sum(p.numel() for p in gui.module.parameters()),
     }
-    return {"t_gui": t_gui, "t_gen": t_gen, "peak_gib": peak, "flops": flops, "params": n_params}
+    return {"t_gui": t_gui, "t_gen": t_gen, "peak_gib": peak, "flops": flops, "params": n_params, "t_compile": t_compile}
+
+
+def profile(folder: str, steps: dict, device: torch.device) -> None:
+    """torch.profiler tables of one call of each step: ops by self device time, and by total (CPU) time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in steps.items():
+        with torch_profile(activities=activities) as prof:
+            timed(fn, device)
+        table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+            f.write(table + "\n")
 
 
 def search(candidates: list[int], argv: list[str], out: str | None) -> int:
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-width", type=int, default=1024)
     p.add_argument("--head-depth", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile (the trainer's deepspeed.compile)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler tables of one step of each")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for a CPU smoke test")
@@ -215,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "did_not_fit": tried,
         "guidance_updates_k": k,
         "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
+        "compile_seconds": result["t_compile"],
         "seconds": {"guidance_step": result["t_gui"], "generator_step": result["t_gen"], "csd_round": t_round},
         "samples_per_s": {
             "generator_samples_per_round_time": b / t_round,

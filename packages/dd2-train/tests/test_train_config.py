@@ -100,6 +100,15 @@ def test_wrong_types_and_ranges_name_the_field(tmp_path, toy_teacher):
     assert "csd" in _error(_toy(tmp_path, toy_teacher, **{"csd.t_min": 0.9, "csd.t_max": 0.5}))
 
 
+def test_compile_is_refused_with_zero3_and_a_sharded_teacher(tmp_path, toy_teacher):
+    msg = _error(_toy(tmp_path, toy_teacher, **{"deepspeed.compile": "true", "deepspeed.zero_stage": 3}))
+    assert "deepspeed" in msg and "ZeRO stage 1 or 2" in msg and "zero_stage=3" in msg
+    msg = _error(_toy(tmp_path, toy_teacher, **{"deepspeed.compile": "true", "teacher.shard": "true"}))
+    assert "deepspeed.compile" in msg and "teacher.shard" in msg
+    cfg = validate_config(_toy(tmp_path, toy_teacher, **{"deepspeed.compile": "true", "deepspeed.zero_stage": 2}))
+    assert cfg.deepspeed.compile and cfg.deepspeed.compile_backend == "inductor"
+
+
 def test_teacher_mismatches_name_the_field(tmp_path, toy_teacher):
     raw = _toy(tmp_path, toy_teacher, **{"teacher.family": "llamagen", "teacher.size": "d16"})
     msg = _error(raw)

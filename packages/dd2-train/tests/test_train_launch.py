@@ -159,9 +159,20 @@ def test_all_stages_zero2(setup, zero2_run):
 @pytest.mark.parametrize("zero", [1, 3])
 def test_all_stages_zero1_zero3(setup, zero):
     run = setup["root"] / f"zero{zero}"
-    extra = ["teacher.shard=true", "deepspeed.activation_checkpointing=true"] if zero == 3 else []
+    extra = (
+        ["teacher.shard=true", "deepspeed.activation_checkpointing=true"]
+        if zero == 3
+        else ["deepspeed.compile=true", "deepspeed.compile_backend=aot_eager"]  # regional compile under ZeRO-1
+    )
     _ok(_launch(RUN_PY, setup["config"], f"run_dir={run}", f"deepspeed.zero_stage={zero}", *extra))
     _check_pipeline_run(run, setup["teacher"], zero)
+    if zero == 1:  # every trained network and the teacher-forced teacher; not gen-data's sampler
+        for stage, names in {"adapt": ["adapt"], "gts": ["model", "teacher"], "csd": ["generator", "guidance",
+                             "teacher"], "align": ["guidance", "teacher"]}.items():  # fmt: skip
+            log = (run / stage / "log.txt").read_text()
+            for name in names:
+                assert f"{name}: torch.compile (aot_eager) on" in log, (stage, name)
+        assert "torch.compile" not in (run / "gen-data" / "log.txt").read_text()
 
 
 def test_sigkill_resume_is_bitwise_equal(setup, zero2_run):

@@ -114,6 +114,19 @@ class DeepSpeedSpec(_Strict):
     zero_stage: int = Field(2, ge=1, le=3, description="ZeRO stage of every trained network")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = Field(False, description="recompute transformer blocks in backward")
+    compile: bool = Field(
+        False,
+        description="regional torch.compile of every transformer block and velocity head (trained networks and the "
+        "teacher's teacher-forced passes; not gen-data's AR sampling); ZeRO 1-2 only",
+    )
+    compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend (tests: aot_eager)")
+
+    @model_validator(mode="after")
+    def _compile_zero(self) -> DeepSpeedSpec:
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile: regional compilation needs ZeRO stage 1 or 2 (ZeRO-3 gathers parameters "
+                             "per module in eager hooks), got zero_stage=3")  # fmt: skip
+        return self
 
 
 class OptimSpec(_Strict):
@@ -260,6 +273,9 @@ class TrainConfig(_Strict):
             raise ValueError(f"stage: stages run in pipeline order {list(STAGE_ORDER)}, got {stages}")
         if self.name is not None and len(stages) > 1:
             raise ValueError(f"name: a custom stage folder name needs a single stage, got stages {stages}")
+        if self.deepspeed.compile and self.teacher.shard:
+            raise ValueError("deepspeed.compile: a ZeRO-3-sharded teacher (teacher.shard) cannot be compiled; "
+                             "set one of them to false")  # fmt: skip
         if "adapt" in stages and self.teacher.family == "var":
             raise ValueError("stage: 'adapt' is LlamaGen's continuous-input adaptation; VAR needs none")
         return self

@@ -199,6 +199,9 @@ def _engine(ctx: StageContext, module: nn.Module, spec: eng.EngineSpec, name: st
         n = eng.enable_activation_checkpointing(target)
         logger.info("%s: activation checkpointing on %d blocks", name, n)
     engine = eng.build_engine(module, spec)
+    if ctx.cfg.deepspeed.compile:
+        n = eng.compile_regions(module, backend=ctx.cfg.deepspeed.compile_backend)
+        logger.info("%s: torch.compile (%s) on %d regions", name, ctx.cfg.deepspeed.compile_backend, n)
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters() if p.requires_grad)
     logger.info(
         "%s: %.2fM trainable parameters, micro-batch %d x accumulation %d x world %d, lr %.2e (warm-up %d steps)",
@@ -218,8 +221,10 @@ def _teacher(ctx: StageContext) -> nn.Module:
     return build_teacher(ctx.cfg.teacher, device=ctx.device, dtype=torch.float32, run_dir=ctx.cfg.run_dir)
 
 
-def _place_teacher(ctx: StageContext, teacher: nn.Module) -> None:
-    """ZeRO-3-partition the teacher's transformer (teacher.shard) or, on bf16 runs, cast it to bf16."""
+def _place_teacher(ctx: StageContext, teacher: nn.Module, *, teacher_forced: bool = True) -> None:
+    """ZeRO-3-partition the teacher's transformer (teacher.shard) or, on bf16 runs, cast it to bf16; with
+    deepspeed.compile, compile its blocks where it runs teacher-forced passes (not gen-data's KV-cached sampler,
+    which has its own compiled decode step)."""
     cfg = ctx.cfg
     # the transformer only: codebooks and tokenizers stay fp32 and replicated
     net = {"toy": teacher, "llamagen": getattr(teacher, "model", None), "var": getattr(teacher, "var", None)}[
@@ -230,6 +235,9 @@ def _place_teacher(ctx: StageContext, teacher: nn.Module) -> None:
         logger.info("teacher: ZeRO-3 partitioned over %d ranks", ctx.dist.world_size)
     elif ctx.precision == "bf16" and cfg.teacher.family != "toy":
         net.to(torch.bfloat16)  # runs under autocast; logits and log-probs are computed in fp32
+    if cfg.deepspeed.compile and teacher_forced:
+        n = eng.compile_regions(net, backend=cfg.deepspeed.compile_backend)
+        logger.info("teacher: torch.compile (%s) on %d blocks", cfg.deepspeed.compile_backend, n)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -446,7 +454,7 @@ def run_gen_data(ctx: StageContext) -> None:
     """Teacher samples -> shards, every rank in parallel; finished shards are skipped on a re-run."""
     cfg, sec = ctx.cfg, ctx.cfg.gen_data
     teacher = _teacher(ctx)
-    _place_teacher(ctx, teacher)
+    _place_teacher(ctx, teacher, teacher_forced=False)
     out = sec.out_dir or default_input(cfg, "gts")
     meta = {
         "kind": "teacher-samples",
