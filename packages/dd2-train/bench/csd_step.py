@@ -6,11 +6,15 @@ and DeepSpeed engine wrapper as training (dd2_train.steps, dd2_train.engine). A 
 generator update (DD2 Alg. 1). The micro-batch is the largest of --batches that runs without running out of memory.
 
     deepspeed --num_gpus 1 packages/dd2-train/bench/csd_step.py --out csd_step.json
+    python packages/dd2-train/bench/csd_step.py --batches 192 --compile --profile prof/   # as deepspeed.compile
     python packages/dd2-train/bench/csd_step.py --tiny          # CPU smoke test of the script itself
 
 Prints one JSON object: device, dtype, batch, seconds per guidance/generator step and per round, samples/s (generator
 samples per second of full rounds), peak memory, FLOPs per step counted by torch.utils.flop_counter (matmuls and
-attention: forward, backward, the teacher's two CFG passes), and MFU = counted FLOP/s over the GPU's dense bf16 peak.
+attention: forward, backward, the teacher's two CFG passes; counted on the eager modules before any compilation), and
+MFU = counted FLOP/s over the GPU's dense bf16 peak. `--compile` applies the trainer's regional compilation
+(dd2_train.engine.compile_regions) to generator, guidance and teacher and reports the compile time; `--profile DIR`
+writes torch.profiler tables (ops by self device time) of one guidance and one generator step.
 """
 
 from __future__ import annotations
@@ -134,12 +138,14 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
         "generator": sum(p.numel() for p in gen.module.parameters()),
         "guidance": sum(p.numel() for p in gui.module.parameters()),
     }
-    return {"t_gui": t_gui, "t_gen": t_gen, "peak_gib": peak, "flops": flops, "params": n_params, "t_compile": t_compile}
+    return {"t_gui": t_gui, "t_gen": t_gen, "peak_gib": peak, "flops": flops, "params": n_params,
+            "t_compile": t_compile}  # fmt: skip
 
 
 def profile(folder: str, steps: dict, device: torch.device) -> None:
     """torch.profiler tables of one call of each step: ops by self device time, and by total (CPU) time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     os.makedirs(folder, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

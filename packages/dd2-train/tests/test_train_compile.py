@@ -71,7 +71,8 @@ def test_compiled_model_matches_eager(checkpointing):
 def _var_model() -> ARDiffusion:
     torch.manual_seed(0)
     patches = (1, 2, 3)
-    var = VAR(VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=3, vocab_size=16, token_dim=4, patch_nums=patches))
+    cfg = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=3, vocab_size=16, token_dim=4, patch_nums=patches)
+    var = VAR(cfg)
     vq = VARVQVAE(VARVQVAEConfig(vocab_size=16, token_dim=4, ch=32, ch_mult=(1, 2), patch_nums=patches))
     backbone = VARBackbone.from_teacher(var, vq)
     head = VelocityHead(HeadConfig(token_dim=4, cond_dim=backbone.feature_dim, width=16, depth=2))
@@ -97,7 +98,8 @@ def test_compiled_var_backbone_matches_eager():
 
 def _toy_nets():
     torch.manual_seed(0)
-    teacher = ToyTeacher(ToyTeacherConfig(codebook_size=4, num_tokens=3, num_classes=3, dim=32, heads=2)).eval().requires_grad_(False)
+    teacher = ToyTeacher(ToyTeacherConfig(codebook_size=4, num_tokens=3, num_classes=3, dim=32, heads=2))
+    teacher.eval().requires_grad_(False)
     model = ar_diffusion_from_teacher(teacher, HeadConfig(token_dim=2, cond_dim=32, width=32, depth=2))
     for p in model.head.parameters():
         torch.nn.init.normal_(p, std=0.1)

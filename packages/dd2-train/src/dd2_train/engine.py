@@ -237,9 +237,9 @@ def _blocks(module: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> list[n
     skipped = [name for name, m in module.named_modules() if skip and isinstance(m, skip)]
     found = []
     for name, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layers"):
-            if not any(name == s or name.startswith(s + ".") for s in skipped):
-                found.extend(child)
+        inside_skipped = any(name == s or name.startswith(s + ".") for s in skipped)
+        if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layers") and not inside_skipped:
+            found.extend(child)
     return found
 
 
