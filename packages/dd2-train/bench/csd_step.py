@@ -120,7 +120,7 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
         flops[name] = counter.get_total_flops()
     t_compile = None
     if args.compile:  # the trainer's deepspeed.compile: regional compilation of blocks and heads
-        n = sum(eng.compile_regions(m) for m in (gen.module, gui.module, teacher.model))
+        n = sum(eng.compile_regions(m, backend=args.compile_backend) for m in (gen.module, gui.module, teacher.model))
         t_compile = timed(lambda: (gui_step(), gen_step()), device)  # the first calls compile
         print(f"compiled {n} regions in {t_compile:.1f} s", file=sys.stderr)
     for _ in range(args.warmup):
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-depth", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="regional torch.compile (the trainer's deepspeed.compile)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU tests)")
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler tables of one step of each")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
