@@ -101,23 +101,27 @@ def try_batch(batch: int, args, dist: eng.DistInfo, precision: str) -> dict:
     rng = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def labels():
-        return torch.randint(teacher.num_classes, (batch,), generator=rng, device=device)
+    def labels(rows: int):
+        return torch.randint(teacher.num_classes, (rows,), generator=rng, device=device)
 
-    def gui_step():
+    def gui_step(rows: int = batch):
         with autocast:
-            guidance_step(gui.module, gui, gen.module, labels(), cfg, teacher=teacher, rng=rng)
+            guidance_step(gui.module, gui, gen.module, labels(rows), cfg, teacher=teacher, rng=rng)
 
-    def gen_step():
+    def gen_step(rows: int = batch):
         with autocast:
-            generator_step(gen.module, gen, gui.module, teacher, labels(), cfg, rng=rng)
+            generator_step(gen.module, gen, gui.module, teacher, labels(rows), cfg, rng=rng)
 
-    flops = {}  # counted on the eager modules (the same arithmetic as compiled ones; no dispatch mode in graphs)
+    # FLOPs are counted on the eager modules (the same arithmetic as compiled ones) at a small micro-batch and scaled:
+    # every counted op (matmul, attention) is per sample, so the count is exactly linear in the batch, and an eager
+    # pass at the full batch would not fit where only the compiled one does
+    rows = min(batch, args.flop_batch)
+    flops = {}
     for name, fn in (("guidance_step", gui_step), ("generator_step", gen_step)):
         counter = FlopCounterMode(display=False)
         with counter:
-            fn()
-        flops[name] = counter.get_total_flops()
+            fn(rows)
+        flops[name] = counter.get_total_flops() * batch // rows
     t_compile = None
     if args.compile:  # the trainer's deepspeed.compile: regional compilation of blocks and heads
         n = sum(eng.compile_regions(m, backend=args.compile_backend) for m in (gen.module, gui.module, teacher.model))
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-depth", type=int, default=3)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="regional torch.compile (the trainer's deepspeed.compile)")
+    p.add_argument("--flop-batch", type=int, default=16, help="micro-batch of the eager FLOP count (scaled up)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU tests)")
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler tables of one step of each")
     p.add_argument("--warmup", type=int, default=2)

@@ -6,7 +6,12 @@ backend (traces forward and backward like inductor, no C++ build); one runs indu
 """
 
 import copy
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,28 +146,29 @@ def test_inductor_backend_matches_eager():
     assert _csd_losses(False, "inductor") == pytest.approx(_csd_losses(True, "inductor"), rel=1e-3, abs=1e-5)
 
 
-def test_csd_step_bench_compiles_and_profiles(tmp_path):
-    """bench/csd_step.py end to end on CPU at tiny sizes: eager FLOP count, regional compile, timing, profiler."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _bench(tmp_path, name: str, *extra: str) -> tuple[dict, str]:
     bench = Path(__file__).resolve().parents[1] / "bench" / "csd_step.py"
-    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(bench), "--tiny", "--batches", "2", "--k", "1", "--head-width", "16", "--head-depth",
-           "1", "--warmup", "1", "--repeats", "1", "--compile", "--compile-backend", "aot_eager", "--profile",
-           str(prof), "--out", str(out)]  # fmt: skip
+           "1", "--warmup", "1", "--repeats", "1", "--out", str(out), *extra]  # fmt: skip
     env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stderr
+
+
+def test_csd_step_bench_compiles_and_profiles(tmp_path):
+    """bench/csd_step.py end to end on CPU at tiny sizes: eager FLOP count, regional compile, timing, profiler."""
+    prof = tmp_path / "prof"
+    report, stderr = _bench(tmp_path, "compiled", "--compile", "--compile-backend", "aot_eager", "--profile", str(prof))
     assert report["compile"] and report["compile_seconds"] > 0 and report["micro_batch"] == 2
     assert all(v > 0 for v in report["seconds"].values()) and all(v > 0 for v in report["tflop_per_step"].values())
-    # a round is K guidance steps and one generator step
-    s = report["seconds"]
+    s = report["seconds"]  # a round is K guidance steps and one generator step
     assert s["csd_round"] == pytest.approx(s["guidance_step"] + s["generator_step"])
-    assert "compiled 8 regions" in proc.stderr  # generator, guidance: 2 blocks + a head each; teacher: 2 blocks
+    assert "compiled 8 regions" in stderr  # generator, guidance: 2 blocks + a head each; teacher: 2 blocks
     for step in ("guidance_step", "generator_step"):
         assert "aten::" in (prof / f"{step}.txt").read_text()
+    # the FLOP count at a smaller micro-batch, scaled, equals the count at the full micro-batch (linear in batch)
+    full, _ = _bench(tmp_path, "full", "--flop-batch", "2")
+    half, _ = _bench(tmp_path, "half", "--flop-batch", "1")
+    assert full["tflop_per_step"] == half["tflop_per_step"] == report["tflop_per_step"]
