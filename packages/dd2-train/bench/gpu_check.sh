@@ -9,14 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/dd2-gpu-check}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/packages/dd2-core/src:$PWD/packages/dd2-teachers/src:$PWD/packages/dd2-train/src
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
+. packages/dd2-train/bench/gpu_env.sh
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== csd step bench"

@@ -10,13 +10,7 @@ B=${1:-128}
 BIG=${2:-192}
 LOGS=${LOGS:-/tmp/dd2-mfu-logs}
 mkdir -p "$OUT" "$LOGS"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/packages/dd2-core/src:$PWD/packages/dd2-teachers/src:$PWD/packages/dd2-train/src
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. packages/dd2-train/bench/gpu_env.sh
 bench=packages/dd2-train/bench/csd_step.py
 summary() { python3 -c "
 import json, sys
