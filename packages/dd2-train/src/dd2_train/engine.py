@@ -268,7 +268,7 @@ def enable_activation_checkpointing(module: nn.Module) -> int:
 COMPILE_CACHE_SIZE = 64  # compiled variants kept per code object (grad mode, batch shapes, dtypes of 3 networks)
 
 
-def compile_regions(module: nn.Module, *, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_regions(module: nn.Module, *, backend: str = "inductor") -> int:
     """Regional torch.compile, in place: every transformer block and every velocity head of `module`.
 
     Each block is compiled on its own (`nn.Module.compile`), so one traced graph serves all blocks of a class and
@@ -281,7 +281,7 @@ def compile_regions(module: nn.Module, *, backend: str = "inductor", mode: str |
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
     regions = [m for m in module.modules() if isinstance(m, VelocityHead)] + _blocks(module, skip=(VelocityHead,))
     for region in regions:
-        region.compile(backend=backend, mode=mode)
+        region.compile(backend=backend)
     if not regions:
         raise ValueError(f"compile: {type(module).__name__} has no transformer blocks or velocity head to compile")
     return len(regions)
