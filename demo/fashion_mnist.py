@@ -528,7 +528,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="size of the run (default: full)")
     p.add_argument("--csd-steps", type=int, default=None,
                    help="CSD rounds instead of the preset's; on a finished run folder CSD resumes from its last "
-                   "checkpoint and continues (the full preset: 800; 3000 measured FD 56 -> 32)")  # fmt: skip
+                   "checkpoint and continues (full preset: 800; at t_min 0.1, 3000 gave FD 56 -> 32)")  # fmt: skip
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="training launcher")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--redo-report", action="store_true", help="recompute the report even if it is up to date")
