@@ -59,6 +59,8 @@ class PipelineConfig(BaseModel):
     backbone: dict[str, Any] = Field(..., description="the backbone's own config (validated by its config class)")
     head: HeadConfig
     head_time: float = Field(1.0, gt=0.0, le=1.0, description="t fed to the generator's head")
+    noise_scale: float = Field(1.0, gt=0.0, description="the generator's backbone reads noise_scale * eps")
+    class_cond: bool = Field(False, description="the generator adds a class embedding to the head's condition")
     decoder: Literal["none", "llamagen_vq", "var_vqvae"] = Field("none", description="token -> image decoder")
     decoder_config: dict[str, Any] | None = Field(None, description="the decoder's own config")
     num_classes: int = Field(..., ge=1)
@@ -142,7 +144,7 @@ class OneStepPipeline:
             family=family,
             backbone=as_dict(backbone_config),
             head=generator.head.cfg,
-            head_time=generator.head_time,
+            **generator.options(),
             decoder=decoder_name,
             decoder_config=as_dict(decoder_config),
             num_classes=generator.backbone.num_classes,
@@ -180,7 +182,12 @@ class OneStepPipeline:
                 f"pipeline: {cfg_path} has schema_version {config.schema_version}, this dd2-core reads {SCHEMA_VERSION}"
             )
         backbone = build_backbone(config.family, config.backbone)
-        generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+        generator = OneStepGenerator(
+            ARDiffusion(backbone, VelocityHead(config.head)),
+            config.head_time,
+            noise_scale=config.noise_scale,
+            class_cond=config.class_cond,
+        )
         weights = folder / "generator.safetensors"
         expected = f"a {config.family} one-step generator"
         load_strict(generator, read_state_dict(weights), expected=expected, source=str(weights))

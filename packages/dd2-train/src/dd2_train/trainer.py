@@ -4,6 +4,9 @@
       run_adapt     adapt_step     on image-code shards                   -> <stage>/teacher/ (adapted teacher)
       run_gen_data  teacher.sample                                        -> <run_dir>/gen-data/shards/*.tar
       run_gts       gts_step       on teacher-sample shards               -> model A (engine "model")
+      run_gen_pairs teacher_flow_map                                      -> <run_dir>/gen-pairs/shards/*.tar
+      run_regress   onpolicy_regression_step (one teacher pass per batch) or regression_step on pair shards, EMA
+                                                                          -> engine "generator", ema
       run_csd       K x grad_accum guidance_step, grad_accum generator_step, EMA
                                                                           -> engines "generator", "guidance", ema
       run_align     guidance_step with the generator frozen at its EMA    -> engine "guidance", generator, ema
@@ -35,12 +38,15 @@ from torch import Tensor, nn
 
 from dd2_core.checkpoint import read_state_dict, save_safetensors
 from dd2_core.generator import OneStepGenerator
+from dd2_core.sampling import nearest_code, teacher_flow_map
 from dd2_train import engine as eng
 from dd2_train.build import (
     ADAPTED_DIR,
     build_adapt_model,
     build_ar_diffusion,
+    build_generator,
     build_teacher,
+    onestep_options,
     save_adapted_teacher,
 )
 from dd2_train.checkpoint import (
@@ -60,11 +66,14 @@ from dd2_train.logs import MetricsLogger, Throughput, setup_logging
 from dd2_train.steps import (
     CSDConfig,
     GTSConfig,
+    RegressConfig,
     adapt_step,
     ema_update,
     generator_step,
     gts_step,
     guidance_step,
+    onpolicy_regression_step,
+    regression_step,
     start_residual_guidance,
 )
 
@@ -374,10 +383,15 @@ def _resume_or_init(ctx: StageContext, load: Callable[[Path], dict], init: Calla
     return int(manifest["step"])
 
 
-def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int) -> TokenStream:
+def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int, *, pairs: bool = False) -> TokenStream:
+    """The stage's shard stream; `pairs`: flow-map pair shards of gen-pairs (samples hold noise too)."""
     shards = data.shards if data.shards is not None else default
     urls = expand_shards(shards)
     meta = read_shard_meta(urls[0])
+    kind = "flow-map-pairs" if pairs else "teacher-samples"
+    if pairs and meta.get("kind") != kind:
+        raise ConfigError(f"{ctx.stage}.data.shards: {urls[0]} holds {meta.get('kind')!r} shards, expected {kind!r} "
+                          "(written by the gen-pairs stage)")  # fmt: skip
     expected = {"num_tokens": teacher.num_tokens, "vocab_size": teacher.codebook.shape[0]}
     found = {k: meta.get(k) for k in expected}
     if found != expected:
@@ -398,6 +412,7 @@ def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int) -
         shuffle_buffer=data.shuffle_buffer,
         skip_corrupt=data.skip_corrupt,
         seed=derive_seed(ctx.cfg.seed, ctx.stage, "data"),
+        token_dim=int(teacher.codebook.shape[1]) if pairs else None,
     )
 
 
@@ -532,11 +547,128 @@ def run_gts(ctx: StageContext) -> None:
     _finish_stream(stream)
 
 
-def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None):
-    """(generator, guidance, ema) before the engines: from model A (gts) or from a csd/align checkpoint."""
+def run_gen_pairs(ctx: StageContext) -> None:
+    """DD1's dataset: (noise, F(noise)) pairs of the teacher's flow map -> shards, every rank in parallel, resumable.
+
+    F is integrated group by group (N teacher-forced passes for LlamaGen, one per scale for VAR); the shards hold
+    the noise and F's tokens snapped to code ids (the flow map ends on codes up to the integration error)."""
+    cfg, sec = ctx.cfg, ctx.cfg.gen_pairs
+    teacher = _teacher(ctx)
+    _place_teacher(ctx, teacher)
+    out = default_input(cfg, "regress-data")
+    codebook = teacher.codebook.float()
+    meta = {
+        "kind": "flow-map-pairs",
+        "teacher": cfg.teacher.family,
+        "size": cfg.teacher.size,
+        "teacher_ckpt": str(cfg.teacher.ckpt),
+        "policy": teacher.policy.model_dump(mode="json"),
+        "num_tokens": teacher.num_tokens,
+        "vocab_size": int(codebook.shape[0]),
+        "token_dim": int(codebook.shape[1]),
+        "num_classes": teacher.num_classes,
+        "flow_steps": sec.flow_steps,
+        "flow_power": sec.flow_power,
+        "seed": cfg.seed,
+    }
+
+    def pairs(labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(labels.shape[0], teacher.num_tokens, codebook.shape[1], generator=g, device=ctx.device)
+        with ctx.autocast():
+            tokens = teacher_flow_map(teacher, noise, labels, steps=sec.flow_steps, power=sec.flow_power)
+        return nearest_code(tokens.float(), codebook), noise
+
+    counts = write_teacher_samples(
+        pairs,
+        out,
+        num_samples=sec.num_samples,
+        shard_size=sec.shard_size,
+        batch_size=sec.batch_size,
+        num_classes=teacher.num_classes,
+        meta=meta,
+        seed=cfg.seed,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        device=ctx.device,
+        stage="gen-pairs",
+    )
+    logger.info("gen-pairs rank %d: %s", ctx.dist.rank, counts)
+    eng.barrier()
+    if ctx.dist.is_main:
+        shards = sorted(p.name for p in out.glob("shard-*.tar"))
+        write_json(
+            out / "index.json", {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
+        )
+        logger.info("gen-pairs: %d shards, %d pairs in %s", len(shards), sec.num_samples, out)
+
+
+def run_regress(ctx: StageContext) -> None:
+    """Flow-map regression of the one-step generator from model A: on-policy (one teacher pass per batch on the
+    generator's own prefix) or offline (DD1, on gen-pairs shards); EMA with the progressive rule."""
+    cfg, sec = ctx.cfg, ctx.cfg.regress
+    _seed_models(cfg, ctx.stage)
+    teacher = _teacher(ctx)
+    generator = build_generator(teacher, cfg.teacher, cfg.head, cfg.onestep)
+    resuming = _latest(ctx) is not None
+    if not resuming:
+        step_dir = resolve_checkpoint(default_input(cfg, "regress"))
+        modules = read_manifest(step_dir)["modules"]
+        if "model" not in modules:
+            raise ConfigError(f"regress.init_from: {step_dir} holds {sorted(modules)}; expected a gts stage "
+                              "checkpoint (model A)")  # fmt: skip
+        generator.model.load_state_dict(module_weights(step_dir, "model"))
+        logger.info("generator initialised from model A of %s", step_dir)
+    ema = copy.deepcopy(generator).requires_grad_(False).eval()
+    _place_teacher(ctx, teacher)
+    spec = _spec(ctx, sec.optim, sec.batch_size, sec.grad_accum)
+    engine = _engine(ctx, generator, spec, "generator")
+    offline = sec.mode == "offline"
+    stream = None
+    if offline:
+        stream = _stream(ctx, sec.data, str(default_input(cfg, "regress-data")), teacher, spec.micro_batch, pairs=True)
+    _seed_rank(ctx)
+    start = _resume_or_init(
+        ctx,
+        lambda d: load_checkpoint(ctx, d, engines={"generator": engine}, files={"ema": ema}, stream=stream),
+        lambda: None,
+    )
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    step_cfg = RegressConfig.model_validate(sec.model_dump(include=set(RegressConfig.model_fields)))
+    codebook = teacher.codebook.float()
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines={"generator": engine}, files={"ema": ema}, stream=stream,
+                        state={"step": step})  # fmt: skip
+
+    engine.train()
+    for step in loop.steps():
+        acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            with ctx.autocast():
+                if offline:
+                    batch = next(stream)
+                    labels = batch["labels"].to(ctx.device)
+                    tokens = codebook[batch["ids"].to(ctx.device)]  # (B, N, C): F(noise), snapped
+                    m = regression_step(engine.module, engine, batch["noise"].to(ctx.device), tokens, labels)
+                else:
+                    labels = torch.randint(teacher.num_classes, (spec.micro_batch,), generator=ctx.rng,
+                                           device=ctx.device)  # fmt: skip
+                    m = onpolicy_regression_step(engine.module, engine, teacher, labels, step_cfg, rng=ctx.rng)
+            acc = _accumulate(acc, m, sec.grad_accum)
+        with eng.gathered(engine.module, cfg.deepspeed.zero_stage):
+            decay = ema_update(ema, engine.module, step, sec.ema_max_decay)
+        loop.after(step, acc | {"lr": torch.tensor(eng.engine_lr(engine)), "ema_decay": torch.tensor(decay)}, save)
+    loop.close()
+    if stream is not None:
+        _finish_stream(stream)
+
+
+def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None, warm_start: Path | None = None):
+    """(generator, guidance, ema) before the engines: from model A (gts) or from a csd/align checkpoint; with
+    `warm_start` (a regress stage folder, fresh runs only) the generator and its EMA start from its EMA generator."""
     cfg = ctx.cfg
     base = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
-    generator = OneStepGenerator.from_ar_diffusion(base)
+    generator = OneStepGenerator.from_ar_diffusion(base, **onestep_options(cfg.onestep, teacher.codebook))
     guidance = base
     ema = None
     if init_from is not None:
@@ -553,6 +685,15 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None)
                 ema = copy.deepcopy(generator)
                 ema.load_state_dict(module_weights(step_dir, "ema"))
         logger.info("initialised from %s (%s)", step_dir, sorted(modules))
+    if warm_start is not None:
+        warm_dir = resolve_checkpoint(warm_start)
+        warm_modules = read_manifest(warm_dir)["modules"]
+        if "ema" not in warm_modules or "guidance" in warm_modules:
+            raise ConfigError(f"csd.warm_start: {warm_dir} holds {sorted(warm_modules)}; expected a regress stage "
+                              "checkpoint (generator and ema)")  # fmt: skip
+        generator.load_state_dict(module_weights(warm_dir, "ema"))
+        ema = None
+        logger.info("generator warm-started from the EMA generator of %s", warm_dir)
     if cfg.csd.guidance_residual and (init_from is None or "model" in modules):
         start_residual_guidance(guidance)  # psi = teacher + residual (from A: the residual starts at zero)
     if ema is None:
@@ -567,7 +708,12 @@ def run_csd(ctx: StageContext) -> None:
     _seed_models(cfg, ctx.stage)
     teacher = _teacher(ctx)
     resuming = _latest(ctx) is not None
-    generator, guidance, ema = _csd_networks(ctx, teacher, None if resuming else default_input(cfg, "csd"))
+    generator, guidance, ema = _csd_networks(
+        ctx,
+        teacher,
+        None if resuming else default_input(cfg, "csd"),
+        None if resuming else default_input(cfg, "csd-warm"),
+    )
     _place_teacher(ctx, teacher)
     gen_engine = _engine(ctx, generator, _spec(ctx, sec.generator, sec.batch_size, sec.grad_accum), "generator")
     gui_engine = _engine(ctx, guidance, _spec(ctx, sec.guidance, sec.batch_size, sec.grad_accum), "guidance")
@@ -608,8 +754,9 @@ def run_csd(ctx: StageContext) -> None:
         for _ in range(sec.grad_accum):
             with ctx.autocast():
                 m = generator_step(
-                    gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng
-                )
+                    gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng,
+                    step=step,
+                )  # fmt: skip
             gen_acc = _accumulate(gen_acc, m, sec.grad_accum)
         with eng.gathered(gen_engine.module, cfg.deepspeed.zero_stage):
             decay = ema_update(ema, gen_engine.module, step, sec.ema_max_decay)
@@ -693,6 +840,8 @@ STAGES.update(
         "adapt": run_adapt,
         "gen-data": run_gen_data,
         "gts": run_gts,
+        "gen-pairs": run_gen_pairs,
+        "regress": run_regress,
         "csd": run_csd,
         "align": run_align,
         "export": run_export,
