@@ -342,3 +342,21 @@ def test_sid_sequence_weighting_normalises_per_sequence(nets):
     assert torch.allclose(seq, none * omega[:, None], rtol=1e-5)
     with pytest.raises(ValueError, match="sid_seq"):
         csd_loss(*args, weighting="bogus")
+
+
+def test_prefix_feature_alignment_pulls_noise_features_toward_a(nets):
+    teacher, model = nets
+    labels = torch.zeros(16, dtype=torch.long)
+    gen = OneStepGenerator.from_ar_diffusion(model)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=1e-3))
+    cfg = RegressConfig(align_weight=1.0)
+    with pytest.raises(ValueError, match="reference"):
+        onpolicy_regression_step(gen, up, teacher, labels, cfg, rng=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model).requires_grad_(False)
+    m = onpolicy_regression_step(gen, up, teacher, labels, cfg, rng=torch.Generator().manual_seed(0),
+                                 reference=reference)  # fmt: skip
+    assert m["loss_align"] > 0 and set(m) == {"loss_reg", "loss_align"}
+    gui = copy.deepcopy(model)
+    m = generator_step(gen, up, gui, teacher, labels, CSDConfig(align_weight=0.5), reference=reference,
+                       rng=torch.Generator().manual_seed(0))  # fmt: skip
+    assert m["loss_align"] > 0 and "loss_anchor" not in m

@@ -29,7 +29,7 @@ from dd2_train.data import write_shard
 TESTS = Path(__file__).resolve().parent
 RUN_PY = TESTS.parent / "run.py"
 STAGES = ["adapt", "gen-data", "gts", "gen-pairs", "regress", "csd", "align", "export"]
-TIMEOUT = 240
+TIMEOUT = 480  # per launch; generous for a loaded 2-core machine
 
 
 def _port() -> int:

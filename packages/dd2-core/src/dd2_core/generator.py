@@ -76,6 +76,10 @@ class OneStepGenerator(nn.Module):
 
     def forward(self, noise: Tensor, labels: Tensor) -> Tensor:
         """Shapes: noise (B, N, C), labels (B,) -> tokens (B, N, C)."""
+        return self.forward_with_features(noise, labels)[0]
+
+    def forward_with_features(self, noise: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens and the head's condition f_i (for prefix-feature alignment).  -> (B, N, C), (B, N, D)."""
         bb = self.model.backbone
         expect_shape("noise", noise, (None, bb.num_tokens, bb.token_dim))
         f = bb(noise * self.noise_scale if self.noise_scale != 1.0 else noise, labels)  # (B, N, D): class, eps_<i
@@ -83,7 +87,7 @@ class OneStepGenerator(nn.Module):
             f = f + self.class_embed(labels).unsqueeze(1).to(f.dtype)  # (B, N, D)
         t = torch.full((*noise.shape[:2], 1), self.head_time, device=noise.device, dtype=noise.dtype)
         v = self.model.head(noise, t, f)  # (B, N, C)
-        return noise - t * v
+        return noise - t * v, f
 
     def sample_noise(self, batch: int, *, device=None, dtype=None, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, I).  Shapes: -> (B, N, C)."""

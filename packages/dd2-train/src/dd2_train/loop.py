@@ -158,16 +158,18 @@ def train_onpolicy_regression(
     device="cpu",
     ema_max_decay: float = 0.9999,
     clock: Clock = time.perf_counter,
+    reference: ARDiffusion | None = None,
 ) -> tuple[OneStepGenerator, LoopResult]:
     """Stage `regress` (onpolicy): regress the generator onto the teacher's per-token flow map given its own prefix;
-    returns the EMA generator (progressive rule) like train_csd."""
+    returns the EMA generator (progressive rule) like train_csd. `reference`: frozen model A (cfg.align_weight)."""
     updater = TorchUpdater(adam(generator.parameters(), lr), clip=1.0)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
     next_labels = _labels_fn(teacher.num_classes, batch, rng, device)
     t0, step, metrics = clock(), 0, {}
     generator.train()
     while _budget_left(t0, step, steps, seconds, clock):
-        metrics = onpolicy_regression_step(generator, updater, teacher, next_labels(), cfg, rng=rng)
+        metrics = onpolicy_regression_step(generator, updater, teacher, next_labels(), cfg, rng=rng,
+                                           reference=reference)  # fmt: skip
         ema_update(ema, generator, step, ema_max_decay)
         step += 1
     generator.eval()
@@ -192,6 +194,7 @@ def train_csd(
     device="cpu",
     on_round: Callable[[int, OneStepGenerator, OneStepGenerator], None] | None = None,
     clock: Clock = time.perf_counter,
+    reference: ARDiffusion | None = None,
 ) -> tuple[OneStepGenerator, LoopResult]:
     """Stage `csd`: `steps` rounds of K guidance updates + one generator update; returns the EMA generator.
 
@@ -213,7 +216,8 @@ def train_csd(
     for _ in range(guidance_prefit):
         guidance_step(guidance, gui_up, generator, next_labels(), cfg, teacher=teacher, rng=rng)
     while _budget_left(t0, step, steps, seconds, clock):
-        metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng, step=step)
+        metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng, step=step,
+                            reference=reference)  # fmt: skip
         ema_update(ema, generator, step, ema_max_decay)
         step += 1
         if on_round is not None:

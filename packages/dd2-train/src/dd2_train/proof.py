@@ -179,7 +179,7 @@ def run_recipe(
     if recipe.regress_share < 1:
         v = recipe.csd
         start = ema if recipe.regress_share > 0 else generator  # CSD continues from the regression's EMA
-        generator = copy.deepcopy(start).train()
+        generator = copy.deepcopy(start).train().requires_grad_(True)
         left = max(1.0, cfg.budget_seconds - (clock() - t0))
         ema, res = train_csd(
             generator, copy.deepcopy(model_a), teacher, v.csd, steps=10**9, batch=cfg.batch,

@@ -119,6 +119,13 @@ class CSDConfig(BaseModel):
     )
     anchor_steps: int = Field(0, ge=0, description="generator updates over which lambda goes to anchor_final")
     flow_steps: int = Field(32, ge=1, le=4096, description="Euler steps of the anchor's per-token flow map")
+    align_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="not in the paper (0 = off): prefix-feature alignment, + align_weight * ||f_G(eps)_i - "
+        "f_A(sg(q)_<i)||^2 (mean over D) with A the frozen GTS model: the generator's noise features are pulled "
+        "toward A's features of the tokens it produced (needs `reference` = A)",
+    )
     flow_power: float = Field(2.0, gt=0.0, description="time grid (1 - k/steps)^power of the flow map")
 
     @model_validator(mode="after")
@@ -153,6 +160,7 @@ class RegressConfig(BaseModel):
     snap_prefix: bool = Field(True, description="onpolicy: the teacher conditions on the prefix snapped to codes")
     flow_steps: int = Field(32, ge=1, le=4096, description="Euler steps of the per-token flow map")
     flow_power: float = Field(2.0, gt=0.0, description="time grid (1 - k/steps)^power, as dd2_core.sampling")
+    align_weight: float = Field(0.0, ge=0.0, description="prefix-feature alignment weight (CSDConfig.align_weight)")
 
 
 def _per_token_t(shape: tuple[int, ...], t_min: float, t_max: float, like: Tensor, rng) -> Tensor:
@@ -182,6 +190,15 @@ def _prefix(tokens: Tensor, codebook: Tensor, snap: bool) -> Tensor:
     if snap:
         tokens = codebook.to(tokens.device, tokens.dtype)[nearest_code(tokens, codebook)]
     return tokens
+
+
+def alignment_loss(f_generator: Tensor, reference: ARDiffusion | None, prefix: Tensor, labels: Tensor) -> Tensor:
+    """Prefix-feature alignment: mean ||f_G(eps)_i - sg(f_A(prefix)_i)||^2 over positions and D (A frozen)."""
+    if reference is None:
+        raise ValueError("align_weight > 0 needs the frozen GTS model A (reference=...)")
+    with torch.no_grad():
+        f_ref = reference.features(prefix, labels)  # (B, N, D): A reads the generated prefix
+    return (f_generator.float() - f_ref.float()).pow(2).mean()
 
 
 @torch.no_grad()
@@ -269,6 +286,7 @@ def generator_step(
     *,
     rng: torch.Generator | None = None,
     step: int = 0,
+    reference: ARDiffusion | None = None,
 ) -> dict[str, Tensor]:
     """One CSD update of the generator (DD2 Eq. 4, all positions at once, prefixes detached).
 
@@ -280,7 +298,7 @@ def generator_step(
     Shapes: labels (B,).
     """
     noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
-    q = generator(noise, labels)  # (B, N, C), with gradient
+    q, f_gen = generator.forward_with_features(noise, labels)  # (B, N, C), (B, N, D), with gradient
     prefix = _prefix(q, teacher.codebook, cfg.snap_prefix)  # sg(q_<i)
     with torch.no_grad():
         log_probs = teacher.log_probs(prefix, labels)  # (B, N, V)
@@ -300,6 +318,10 @@ def generator_step(
             reg = regression_loss(q, target).mean()
             loss = loss + lam * reg
             metrics |= {"loss_anchor": reg.detach(), "anchor_lambda": torch.tensor(lam)}
+        if cfg.align_weight > 0:
+            align = alignment_loss(f_gen, reference, prefix, labels)
+            loss = loss + cfg.align_weight * align
+            metrics["loss_align"] = align.detach()
         updater.backward(loss)
     updater.step()
     return metrics
@@ -330,19 +352,25 @@ def onpolicy_regression_step(
     cfg: RegressConfig,
     *,
     rng: torch.Generator | None = None,
+    reference: ARDiffusion | None = None,
 ) -> dict[str, Tensor]:
     """One on-policy flow-map regression update (RegressConfig): q = G(eps), p = teacher(sg(q)) in one teacher-forced
-    pass, loss ||q - sg(F(eps | p))||^2.  Shapes: labels (B,)."""
+    pass, loss ||q - sg(F(eps | p))||^2 (+ prefix-feature alignment with cfg.align_weight).  Shapes: labels (B,)."""
     noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
-    q = generator(noise, labels)  # (B, N, C), with gradient
+    q, f_gen = generator.forward_with_features(noise, labels)  # (B, N, C), (B, N, D), with gradient
     prefix = _prefix(q, teacher.codebook, cfg.snap_prefix)  # sg(q_<i)
     with torch.no_grad():
         log_probs = teacher.log_probs(prefix, labels)  # (B, N, V): row i sees only q_<i
         target = flow_map_target(noise, log_probs, teacher.codebook, cfg.flow_steps, cfg.flow_power)
     loss = regression_loss(q, target).mean()
+    metrics = {"loss_reg": loss.detach()}
+    if cfg.align_weight > 0:
+        align = alignment_loss(f_gen, reference, prefix, labels)
+        loss = loss + cfg.align_weight * align
+        metrics["loss_align"] = align.detach()
     updater.backward(loss)
     updater.step()
-    return {"loss_reg": loss.detach()}
+    return metrics
 
 
 def adapt_step(model: nn.Module, updater: Updater, ids: Tensor, labels: Tensor, codebook: Tensor) -> dict[str, Tensor]:
@@ -386,10 +414,12 @@ def csd_round(
     *,
     rng: torch.Generator | None = None,
     step: int = 0,
+    reference: ARDiffusion | None = None,
 ) -> dict[str, Tensor]:
     """K guidance updates then one generator update (DD2 Alg. 1): the unit that every CSD driver repeats.
-    `step` (0-based generator update) sets the anchor's lambda."""
+    `step` (0-based generator update) sets the anchor's lambda; `reference` (model A) serves cfg.align_weight."""
     metrics: dict[str, Tensor] = {}
     for _ in range(cfg.guidance_updates):
         metrics = guidance_step(guidance, gui_updater, generator, next_labels(), cfg, teacher=teacher, rng=rng)
-    return metrics | generator_step(generator, gen_updater, guidance, teacher, next_labels(), cfg, rng=rng, step=step)
+    return metrics | generator_step(generator, gen_updater, guidance, teacher, next_labels(), cfg, rng=rng, step=step,
+                                    reference=reference)  # fmt: skip

@@ -547,6 +547,20 @@ def run_gts(ctx: StageContext) -> None:
     _finish_stream(stream)
 
 
+def _reference_model(ctx: StageContext, teacher: nn.Module, align_weight: float) -> nn.Module | None:
+    """The frozen GTS model A for prefix-feature alignment (align_weight > 0), from <run_dir>/gts or regress's
+    init_from; None when alignment is off."""
+    if align_weight <= 0:
+        return None
+    cfg = ctx.cfg
+    step_dir = resolve_checkpoint(default_input(cfg, "regress"))  # regress.init_from or <run_dir>/gts
+    if "model" not in read_manifest(step_dir)["modules"]:
+        raise ConfigError(f"align_weight: needs model A from a gts stage; {step_dir} holds no 'model'")
+    reference = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
+    reference.load_state_dict(module_weights(step_dir, "model"))
+    return eng.freeze(reference, device=ctx.device)
+
+
 def run_gen_pairs(ctx: StageContext) -> None:
     """DD1's dataset: (noise, F(noise)) pairs of the teacher's flow map -> shards, every rank in parallel, resumable.
 
@@ -619,6 +633,7 @@ def run_regress(ctx: StageContext) -> None:
         generator.model.load_state_dict(module_weights(step_dir, "model"))
         logger.info("generator initialised from model A of %s", step_dir)
     ema = copy.deepcopy(generator).requires_grad_(False).eval()
+    reference = _reference_model(ctx, teacher, sec.align_weight)
     _place_teacher(ctx, teacher)
     spec = _spec(ctx, sec.optim, sec.batch_size, sec.grad_accum)
     engine = _engine(ctx, generator, spec, "generator")
@@ -653,7 +668,8 @@ def run_regress(ctx: StageContext) -> None:
                 else:
                     labels = torch.randint(teacher.num_classes, (spec.micro_batch,), generator=ctx.rng,
                                            device=ctx.device)  # fmt: skip
-                    m = onpolicy_regression_step(engine.module, engine, teacher, labels, step_cfg, rng=ctx.rng)
+                    m = onpolicy_regression_step(engine.module, engine, teacher, labels, step_cfg, rng=ctx.rng,
+                                                 reference=reference)  # fmt: skip
             acc = _accumulate(acc, m, sec.grad_accum)
         with eng.gathered(engine.module, cfg.deepspeed.zero_stage):
             decay = ema_update(ema, engine.module, step, sec.ema_max_decay)
@@ -714,6 +730,7 @@ def run_csd(ctx: StageContext) -> None:
         None if resuming else default_input(cfg, "csd"),
         None if resuming else default_input(cfg, "csd-warm"),
     )
+    reference = _reference_model(ctx, teacher, sec.align_weight)
     _place_teacher(ctx, teacher)
     gen_engine = _engine(ctx, generator, _spec(ctx, sec.generator, sec.batch_size, sec.grad_accum), "generator")
     gui_engine = _engine(ctx, guidance, _spec(ctx, sec.guidance, sec.batch_size, sec.grad_accum), "guidance")
@@ -755,7 +772,7 @@ def run_csd(ctx: StageContext) -> None:
             with ctx.autocast():
                 m = generator_step(
                     gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng,
-                    step=step,
+                    step=step, reference=reference,
                 )  # fmt: skip
             gen_acc = _accumulate(gen_acc, m, sec.grad_accum)
         with eng.gathered(gen_engine.module, cfg.deepspeed.zero_stage):
