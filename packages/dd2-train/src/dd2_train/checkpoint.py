@@ -230,4 +230,6 @@ def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(
             f"{step_dir}: no state for rank {rank} ({path.name}); was it saved with another world size?"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from dd2_train.safe_load import safe_torch_load
+
+    return safe_torch_load(path)
