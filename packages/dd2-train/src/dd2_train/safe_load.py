@@ -116,7 +116,7 @@ _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$"
 
 def _rank_files(folder: Path, kind: str) -> list[Path]:
     found = sorted(
-        ((int(m.group(1)), p) for p in folder.iterdir() if (m := _RANK_RE.match(p.name)) and m.group(2) == kind)
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := _RANK_RE.match(p.name)) and m.group(2) == kind
     )
     ranks = [r for r, _ in found]
     if ranks != list(range(len(ranks))):
