@@ -50,7 +50,7 @@ def error_message(error: BaseException, *, max_lines: int = MAX_LINES) -> str:
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     lines = text.splitlines() or [type(error).__name__]
     if len(lines) > max_lines:
-        lines = [*lines[: max_lines - 1], f"{lines[max_lines - 1]} (+{len(lines) - max_lines + 1} more lines: --debug)"]
+        lines = [*lines[: max_lines - 1], f"{lines[max_lines - 1]} (+{len(lines) - max_lines} more lines: --debug)"]
     return "\n".join(lines)
 
 

@@ -103,7 +103,18 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-_VERIFIED: dict[tuple[str, int], str | None] = {}  # (folder, manifest mtime) -> problem; hashing once per process
+_VERIFIED: dict[tuple[str, tuple], str | None] = {}  # (folder, stat signature) -> problem: hash a checkpoint once
+
+
+def _stat_signature(step_dir: Path, names: list[str]) -> tuple:
+    out = []
+    for rel in names:
+        try:
+            st = (step_dir / rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append((rel, None))
+    return tuple(out)
 
 
 def checkpoint_problem(step_dir: Path) -> str | None:
@@ -113,11 +124,11 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     manifest = read_manifest(step_dir)
     if manifest is None:
         return f"no readable {MANIFEST}"
-    key = (str(step_dir), (step_dir / MANIFEST).stat().st_mtime_ns)
+    files = manifest.get("files")
+    key = (str(step_dir), _stat_signature(step_dir, [MANIFEST, *(files if isinstance(files, dict) else [])]))
     if key in _VERIFIED:
         return _VERIFIED[key]
     problem = None
-    files = manifest.get("files")
     if isinstance(files, dict):
         for rel, rec in files.items():
             path = step_dir / rel
