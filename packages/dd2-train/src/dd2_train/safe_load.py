@@ -62,8 +62,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(list(_allowed_globals())):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "WeightsUnpickler" in str(e) or "Unsupported" in str(e) or "weights_only" in str(e):
+        m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. Please|\n|$)", str(e))
+        detail = m.group(1).strip() if m else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if m or "Weights only load failed" in str(e):
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: the file needs pickled code, not only tensors and containers ({detail}); "
                 "dd2 never runs code from a checkpoint (was it written by dd2, or altered?)"
