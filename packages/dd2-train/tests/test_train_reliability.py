@@ -107,7 +107,9 @@ def test_a_concurrent_launch_stops_at_once_naming_the_holder(tmp_path, toy_teach
         f"dd2-train: rank 0: error: {tmp_path / 'run'}: in use by host {socket.gethostname()} pid {holder.pid}" in err
     )
     assert "dd2-train: rank 1: error: " in err and "rank 0 could not lock the run folder" in err
-    ours = [line for line in err.splitlines() if 'File "' in line and ("dd2_train" in line or "dd2-train/run.py" in line)]
+    ours = [
+        line for line in err.splitlines() if 'File "' in line and ("dd2_train" in line or "dd2-train/run.py" in line)
+    ]
     assert not ours, ours  # no traceback of ours (torchrun prints its own summary of the failed ranks)
     assert not (tmp_path / "run" / "gen-data").exists()  # nothing written
     print(f"refused launch took {time.time() - tic:.1f} s\n{err}")
@@ -299,3 +301,18 @@ def test_run_py_errors_are_one_message_per_rank(tmp_path, toy_teacher, monkeypat
     monkeypatch.setenv("DD2_DEBUG", "1")
     assert run.main(["--config", str(config)]) == code
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint(tmp_path, monkeypatch):
+    import dd2_train.checkpoint as ckpt
+    from dd2_core.clitools import error_message, exit_code
+
+    def full(obj, path):  # what torch raises on ENOSPC: no file system path in it
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(ckpt.CheckpointWriteError) as e:
+        ckpt.save_rank_state(tmp_path, 0, {"rng": {}})
+    assert exit_code(e.value) == 1
+    assert error_message(e.value).startswith(f"{tmp_path / 'rank_00000.pt'}: writing the checkpoint failed (Runtime")
+    assert "is the disk full or read-only?" in str(e.value)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dd2_core.checkpoint import atomic_write_bytes, read_state_dict
-from dd2_core.errors import CheckpointError
+from dd2_core.errors import CheckpointError, DD2Error
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"  # a pruned or replaced step folder being deleted
+
+
+class CheckpointWriteError(DD2Error, RuntimeError):
+    """Writing a checkpoint failed (a full or read-only disk); the message names the folder. Exit code 1."""
+
+    exit_code = 1
+
+
+def writing(what: Path, error: BaseException) -> CheckpointWriteError:
+    """The error to raise when writing `what` failed with `error` (torch and DeepSpeed name no file on ENOSPC)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return CheckpointWriteError(
+        f"{what}: writing the checkpoint failed ({type(error).__name__}: {first}); is the disk full or read-only? "
+        "The previous checkpoint is intact; free space and rerun the same command to resume"
+    )
 
 
 def step_name(step: int) -> str:
@@ -325,7 +340,11 @@ def restore_rng(state: Mapping[str, Any], rng: torch.Generator | None) -> None:
 
 def save_rank_state(step_dir: Path, rank: int, state: Mapping[str, Any]) -> None:
     """Per-rank state (RNG, data position): plain tensors, lists and numbers, readable with weights_only=True."""
-    torch.save(dict(state), step_dir / f"rank_{rank:05d}.pt")
+    path = step_dir / f"rank_{rank:05d}.pt"
+    try:
+        torch.save(dict(state), path)
+    except (OSError, RuntimeError) as e:
+        raise writing(path, e) from e
 
 
 def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any]:

@@ -289,7 +289,12 @@ def compile_regions(module: nn.Module, *, backend: str = "inductor") -> int:
 
 def save_engine(engine, folder: Path, tag: str) -> None:
     """Collective: every rank writes its part of the engine (model, optimizer, LR schedule) to folder/tag/."""
-    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # ENOSPC surfaces as torch's "PytorchStreamWriter failed writing file"
+        from dd2_train.checkpoint import writing
+
+        raise writing(folder / tag, e) from e
 
 
 def load_engine(engine, folder: Path, tag: str) -> None:
