@@ -262,6 +262,9 @@ def test_missing_explicit_shards_fail_the_config_check(tmp_path, toy_teacher):
     cfg = validate_config(_raw(tmp_path, toy_teacher, **{"gts.data.shards": str(tmp_path / "s-{000..002}.tar")}))
     with pytest.raises(ConfigError, match=r"gts.data.shards: no such shard file '.*s-000.tar' \(\+2 more\)"):
         check_config(cfg, world_size=1)
+    later = validate_config(_raw(tmp_path, toy_teacher, stage="[gen-data,gts]",
+                                 **{"gts.data.shards": str(tmp_path / "s-{000..002}.tar")}))  # fmt: skip
+    check_config(later, world_size=1)  # gen-data of the same launch writes them
     (tmp_path / "empty").mkdir()
     cfg = validate_config(_raw(tmp_path, toy_teacher, **{"gts.data.shards": str(tmp_path / "empty")}))
     with pytest.raises(ConfigError, match="gts.data.shards: folder .*empty' holds no \\*.tar shard"):

@@ -520,9 +520,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                     f"{stage.replace('-', '_')}.batch_size: {sec.batch_size} is not divisible by grad_accum x world "
                     f"= {sec.grad_accum} x {world_size}; every rank needs an equal micro-batch"
                 )
-    for stage in stages:  # explicit local shard paths must exist before any engine is built
+    for i, stage in enumerate(stages):  # explicit local shard paths must exist before any engine is built ...
         data = getattr(getattr(cfg, stage.replace("-", "_"), None), "data", None)
-        if isinstance(data, DataSpec) and data.shards is not None:
+        written_now = any(s.startswith("gen-") for s in stages[:i])  # ... unless a stage of this launch writes them
+        if isinstance(data, DataSpec) and data.shards is not None and not written_now:
             problems += _missing_shards(f"{stage.replace('-', '_')}.data.shards", data.shards)
     if "adapt" in stages and cfg.adapt.data.shards is None:
         problems.append("adapt.data.shards: required (image-code shards from `python -m dd2_train.data tokenize`)")
