@@ -8,6 +8,7 @@ Layouts accepted by `read_state_dict`:
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping
@@ -137,7 +138,10 @@ def _compare(own: Mapping[str, Tensor], sd: Mapping[str, Tensor], *, expected: s
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {e.filename} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
