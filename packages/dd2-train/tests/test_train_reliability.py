@@ -71,6 +71,7 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path
     finally:
         holder.send_signal(signal.SIGKILL)  # dies without releasing: a stale lock file stays
         holder.wait()
+        holder.stdout.close()
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == holder.pid
     with caplog.at_level(logging.WARNING), RunLock(run_dir):
         assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -101,6 +102,7 @@ def test_a_concurrent_launch_stops_at_once_naming_the_holder(tmp_path, toy_teach
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert proc.returncode != 0
     err = proc.stderr
     assert (
