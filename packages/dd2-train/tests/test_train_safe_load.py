@@ -43,12 +43,14 @@ def zero_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero", [1, 2, 3])
-def test_zero_reader_matches_deepspeed(zero_run, zero):
+def test_zero_reader_matches_deepspeed(zero_run, zero, precision):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ours = zero_fp32_state_dict(zero_run / f"zero{zero}", "model")
-    ref = get_fp32_state_dict_from_zero_checkpoint(str(zero_run / f"zero{zero}"), tag="model")  # our own files
+    folder = zero_run / f"{precision}-zero{zero}"
+    ours = zero_fp32_state_dict(folder, "model")
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="model")  # our own files
     # trainable parameters, buffers and (where DeepSpeed records them: ZeRO 2 and 3) frozen parameters
     expected = {"a.bias", "a.weight", "b.bias", "b.weight", "norm.bias", "norm.weight", "scale"}
     assert set(ours) == set(ref) and expected <= set(ref) and set(ref) - expected <= {"frozen"}

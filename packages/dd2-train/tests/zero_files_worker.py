@@ -2,10 +2,10 @@
 
     python -m torch.distributed.run --nproc_per_node 2 zero_files_worker.py OUT
 
-For ZeRO 1, 2 and 3: trains a small engine (odd parameter sizes, a frozen parameter, a buffer) two steps and saves
-it to OUT/zero<k>/model. Then plants a pickle that would run code (create OUT/zero<k>/ran_<rank>) into a copy of the
-ZeRO-2 checkpoint and tries `load_engine` and DeepSpeed's `load_checkpoint` under `safe_deepspeed_loads` on
-every rank; each rank writes what happened to OUT/result_<rank>.json.
+For ZeRO 1, 2 and 3 in fp32 and bf16: trains a small engine (odd parameter sizes, a frozen parameter, a buffer)
+two steps and saves it to OUT/<fp32|bf16>-zero<k>/model. Then plants a pickle that would run code (create
+OUT/evil/ran) into a copy of the fp32 ZeRO-2 checkpoint and tries `load_engine`, and DeepSpeed's `load_checkpoint`
+under `safe_deepspeed_loads`, on every rank; each rank writes what happened to OUT/result_<rank>.json.
 """
 
 import json
@@ -38,34 +38,35 @@ class Net(nn.Module):
         self.register_buffer("scale", torch.tensor([1.5, 2.5, 3.5]))
 
     def forward(self, x):
-        return self.b(self.norm(self.a(x))) * self.scale @ self.frozen
+        return (self.b(self.norm(self.a(x))) * self.scale.to(x.dtype)) @ self.frozen.to(x.dtype)
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     dist = eng.init_distributed()
     result: dict = {}
-    for zero in (1, 2, 3):
-        torch.manual_seed(0)
-        spec = eng.EngineSpec(lr=1e-2, warmup_start_lr=0.0, warmup_steps=0, betas=(0.9, 0.95), weight_decay=0.0,
-                              grad_clip=1.0, zero_stage=zero, precision="fp32", micro_batch=2, grad_accum=1,
-                              world_size=dist.world_size)  # fmt: skip
-        engine = eng.build_engine(Net(), spec)
-        g = torch.Generator().manual_seed(dist.rank)
-        for _ in range(2):
-            loss = engine(torch.randn(2, 5, generator=g)).square().mean()
-            engine.backward(loss)
-            engine.step()
-        folder = out / f"zero{zero}"
-        eng.save_engine(engine, folder, "model")
-        eng.barrier()
-        if zero == 2:
-            engine2 = engine
+    for precision in ("fp32", "bf16"):  # bf16 runs name their optimizer files bf16_zero_pp_rank_*
+        for zero in (1, 2, 3):
+            torch.manual_seed(0)
+            spec = eng.EngineSpec(lr=1e-2, warmup_start_lr=0.0, warmup_steps=0, betas=(0.9, 0.95), weight_decay=0.0,
+                                  grad_clip=1.0, zero_stage=zero, precision=precision, micro_batch=2, grad_accum=1,
+                                  world_size=dist.world_size)  # fmt: skip
+            engine = eng.build_engine(Net(), spec)
+            g = torch.Generator().manual_seed(dist.rank)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            for _ in range(2):
+                loss = engine(torch.randn(2, 5, generator=g).to(dtype)).float().square().mean()
+                engine.backward(loss)
+                engine.step()
+            eng.save_engine(engine, out / f"{precision}-zero{zero}", "model")
+            eng.barrier()
+            if (precision, zero) == ("fp32", 2):
+                engine2 = engine
     eng.barrier()
     # a copy of the ZeRO-2 checkpoint with a code pickle inside the model states (rank 0 plants it)
     evil = out / "evil"
     if dist.is_main:
-        shutil.copytree(out / "zero2", evil)
+        shutil.copytree(out / "fp32-zero2", evil)
         path = evil / "model" / "mp_rank_00_model_states.pt"
         state = torch.load(path, weights_only=False)  # our own file
         state["payload"] = Payload(str(evil / "ran"))

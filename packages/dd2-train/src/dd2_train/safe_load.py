@@ -112,7 +112,7 @@ def check_pickles(folder: Path) -> None:
 
 
 # -- ZeRO files -> full fp32 weights ----------------------------------------------------------------------------------
-_RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
+_RANK_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")  # bf16_: bf16 runs
 
 
 def _rank_files(folder: Path, kind: str) -> list[Path]:
