@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from dd2_core.backbone import Backbone
-from dd2_core.checkpoint import atomic_write_bytes, load_strict, read_state_dict, save_safetensors
+from dd2_core.checkpoint import (
+    atomic_write_bytes,
+    check_shapes,
+    load_strict,
+    read_state_dict,
+    safetensors_shapes,
+    save_safetensors,
+)
 from dd2_core.diffusion import ARDiffusion
 from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels
 from dd2_core.generator import OneStepGenerator
@@ -97,6 +104,33 @@ def build_decoder(name: str, config: dict[str, Any] | None) -> nn.Module | None:
 def to_uint8(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, round((x + 1) * 127.5) clamped to [0, 255]."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _check_folder(folder: Path, config: PipelineConfig) -> None:
+    """Build the networks of `config` on the meta device (no memory) and compare them with config.json's class count
+    and the weight files' headers: a config that does not match its weights fails here, before any allocation."""
+    cfg_path = folder / "config.json"
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(config.family, config.backbone)
+            generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+            decoder = build_decoder(config.decoder, config.decoder_config)
+    except (ValidationError, ValueError, TypeError) as e:
+        raise CheckpointError(f"pipeline: {cfg_path} describes no buildable network:\n{e}") from e
+    if backbone.num_classes != config.num_classes:
+        raise CheckpointError(
+            f"pipeline: {cfg_path} has num_classes {config.num_classes}, but its backbone has "
+            f"{backbone.num_classes} classes (backbone.num_classes); the two must agree"
+        )
+    parts = [("generator.safetensors", generator, f"a {config.family} one-step generator")]
+    if decoder is not None:
+        parts.append(("decoder.safetensors", decoder, f"decoder {config.decoder}"))
+    for name, module, expected in parts:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline: expected {path} next to {cfg_path}, found no such file")
+        check_shapes(module, safetensors_shapes(path), expected=f"{expected} as {cfg_path} describes it",
+                     source=str(path))  # fmt: skip
 
 
 class OneStepPipeline:
@@ -181,6 +215,7 @@ class OneStepPipeline:
             raise CheckpointError(
                 f"pipeline: {cfg_path} has schema_version {config.schema_version}, this dd2-core reads {SCHEMA_VERSION}"
             )
+        _check_folder(folder, config)  # every size in config.json against the weights, before allocating
         backbone = build_backbone(config.family, config.backbone)
         generator = OneStepGenerator(
             ARDiffusion(backbone, VelocityHead(config.head)),

@@ -150,6 +150,20 @@ class DataSpec(_Strict):
     num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer (0/1 = off)")
     skip_corrupt: bool = Field(False, description="log, count and skip corrupt shards/samples instead of failing")
+    allow_pipe: bool = Field(
+        False, description="allow `pipe:` shard URLs, which run a shell command (a config is code: only trusted ones)"
+    )
+
+    @model_validator(mode="after")
+    def _pipe_needs_consent(self) -> DataSpec:
+        items = [self.shards] if isinstance(self.shards, str) else list(self.shards or [])
+        pipes = [s for s in items if s.startswith("pipe:")]
+        if pipes and not self.allow_pipe:
+            raise ValueError(
+                f"shards: {pipes[0]!r} runs a shell command; set allow_pipe: true in this data section if you trust "
+                "the config (a config with pipe: URLs is code)"
+            )
+        return self
 
 
 class _Batched(_Strict):
@@ -337,6 +351,15 @@ class TrainConfig(_Strict):
         if "adapt" in stages and self.teacher.family == "var":
             raise ValueError("stage: 'adapt' is LlamaGen's continuous-input adaptation; VAR needs none")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str | None) -> str | None:
+        if name is not None and (
+            not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
+        ):
+            raise ValueError(f"expected one folder name inside run_dir (no '/', not '.' or '..'), got {name!r}")
+        return name
 
     @property
     def stages(self) -> list[str]:
@@ -613,6 +636,11 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                     f"{stage.replace('-', '_')}.batch_size: {sec.batch_size} is not divisible by grad_accum x world "
                     f"= {sec.grad_accum} x {world_size}; every rank needs an equal micro-batch"
                 )
+    for i, stage in enumerate(stages):  # explicit local shard paths must exist before any engine is built ...
+        data = getattr(getattr(cfg, stage.replace("-", "_"), None), "data", None)
+        written_now = any(s.startswith("gen-") for s in stages[:i])  # ... unless a stage of this launch writes them
+        if isinstance(data, DataSpec) and data.shards is not None and not written_now:
+            problems += _missing_shards(f"{stage.replace('-', '_')}.data.shards", data.shards)
     if "adapt" in stages and cfg.adapt.data.shards is None:
         problems.append("adapt.data.shards: required (image-code shards from `python -m dd2_train.data tokenize`)")
     if "regress" in stages and cfg.regress.mode == "offline" and "gen-pairs" not in stages:
@@ -646,3 +674,24 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             )
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _missing_shards(key: str, shards: str | list[str]) -> list[str]:
+    """Problems with the local paths of a shard spec (remote pipe:/http(s) URLs are checked when read)."""
+    import braceexpand
+
+    out = []
+    for item in [shards] if isinstance(shards, str) else shards:
+        if item.startswith(("pipe:", "http://", "https://")):
+            continue
+        if os.path.isdir(item):
+            if not any(name.endswith(".tar") for name in os.listdir(item)):
+                out.append(f"{key}: folder {item!r} holds no *.tar shard")
+            continue
+        missing = [u for u in braceexpand.braceexpand(item) if not os.path.isfile(u)]
+        if missing:
+            out.append(
+                f"{key}: no such shard file {missing[0]!r}"
+                + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+    return out

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dd2_core.checkpoint import read_state_dict, save_safetensors
+from dd2_core.checkpoint import atomic_write_bytes, read_state_dict, save_safetensors
 from dd2_core.generator import OneStepGenerator
 from dd2_core.sampling import nearest_code, teacher_flow_map
 from dd2_train import engine as eng
@@ -63,6 +63,7 @@ from dd2_train.checkpoint import (
 from dd2_train.config import ConfigError, OptimSpec, TrainConfig, check_config, default_input
 from dd2_train.data import TokenStream, derive_seed, expand_shards, read_shard_meta, write_teacher_samples
 from dd2_train.logs import MetricsLogger, Throughput, setup_logging
+from dd2_train.runlock import RunFolderBusy, RunLock
 from dd2_train.steps import (
     CSDConfig,
     GTSConfig,
@@ -120,6 +121,30 @@ def train(cfg: TrainConfig, *, local_rank: int | None = None) -> None:
         error = e
     if not eng.all_ranks_ok(error is None):
         raise error or ConfigError("invalid config on another rank (see its log)")
+    lock = _lock_run_dir(cfg, dist)  # one writer per run folder, for the whole launch
+    try:
+        _train_stages(cfg, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(cfg: TrainConfig, dist: eng.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run folder's lock; every rank stops (RunFolderBusy) if another launch holds it."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(cfg.run_dir)
+            lock.acquire()
+        except (RunFolderBusy, OSError) as e:  # busy, or a run_dir this process cannot write
+            lock, error = None, e
+    if not eng.all_ranks_ok(error is None):
+        eng.shutdown(wait=False)
+        raise error or RunFolderBusy(f"{cfg.run_dir}: rank 0 could not lock the run folder (its message says why)")
+    return lock
+
+
+def _train_stages(cfg: TrainConfig, dist: eng.DistInfo) -> None:
     precision = eng.resolve_precision(cfg.deepspeed.precision)
     if precision == "bf16" and dist.device.type == "cpu":
         logger.warning("bf16 on CPU is slow and not what CI tests; deepspeed.precision=auto picks fp32 there")
@@ -151,18 +176,12 @@ def run_stage(cfg: TrainConfig, stage: str, dist: eng.DistInfo, precision: str) 
     if dist.is_main:
         folder.path.mkdir(parents=True, exist_ok=True)
         folder.remove_partial()
-        snapshot = cfg.model_dump(mode="json")
-        old = folder.path / "config.json"
-        if old.is_file():
-            changed = _diff(json.loads(old.read_text()), snapshot)
-            if changed:
-                logger.warning("config differs from the snapshot of the previous run in %s: %s", folder.path, changed)
-        write_json(old, snapshot)
     eng.barrier()
     rng = torch.Generator(device=dist.device).manual_seed(derive_seed(cfg.seed, stage, "loop", dist.rank))
     ctx = StageContext(cfg, stage, dist, folder, precision, rng)
     logger.info("stage %s -> %s", stage, folder.path)
     STAGES[stage](ctx)
+    _write_snapshot(ctx)  # stages without a checkpoint (gen-data, export): once they succeeded
     eng.barrier()
 
 
@@ -319,12 +338,48 @@ def load_checkpoint(
 
 
 def _truncate_log(ctx: StageContext, step: int) -> None:
-    """After a resume at `step`, drop log.jsonl records of later steps (they are about to be recomputed)."""
+    """Before training from `step`, drop log.jsonl records of later steps (they are about to be recomputed) and any
+    line that does not parse (a last line cut short by a full disk or a kill); the rewrite is atomic."""
     path = ctx.folder.path / "log.jsonl"
     if not ctx.dist.is_main or not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep, dropped, bad = [], 0, []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            later = int(record["step"]) > step
+        except (ValueError, TypeError, KeyError):
+            bad.append(number)
+            continue
+        if later:
+            dropped += 1
+        else:
+            keep.append(line)
+    if bad:
+        logger.warning("%s: dropped %d unreadable line(s) (line %s; cut short by a full disk or a kill?)", path,
+                       len(bad), ", ".join(map(str, bad[:5])))  # fmt: skip
+    if bad or dropped:
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+def _write_snapshot(ctx: StageContext) -> None:
+    """config.json of the stage folder (rank 0), once the stage has resumed or started cleanly: a launch that fails
+    before that leaves the previous run's snapshot in place."""
+    if not ctx.dist.is_main or ctx.extra.get("snapshot_written"):
+        return
+    snapshot = ctx.cfg.model_dump(mode="json")
+    old = ctx.folder.path / "config.json"
+    if old.is_file():
+        try:
+            changed = _diff(json.loads(old.read_text()), snapshot)
+        except ValueError:
+            changed = [f"{old} was unreadable"]
+        if changed:
+            logger.warning("config differs from the snapshot of the previous run in %s: %s", ctx.folder.path, changed)
+    write_json(old, snapshot)
+    ctx.extra["snapshot_written"] = True
 
 
 # -- the loop shared by every trained stage ---------------------------------------------------------------------------
@@ -377,10 +432,12 @@ def _resume_or_init(ctx: StageContext, load: Callable[[Path], dict], init: Calla
     latest = _latest(ctx)
     if latest is None:
         init()
-        return 0
-    manifest = load(Path(latest))
-    _truncate_log(ctx, manifest["step"])
-    return int(manifest["step"])
+        start = 0
+    else:
+        start = int(load(Path(latest))["step"])
+    _truncate_log(ctx, start)
+    _write_snapshot(ctx)
+    return start
 
 
 def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int, *, pairs: bool = False) -> TokenStream:
