@@ -52,25 +52,43 @@ def _error(raw) -> str:
 
 
 @pytest.mark.parametrize("name", ["toy", "llamagen_l", "var_d16", "var_d20", "var_d24"])
-def test_example_configs_validate(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert isinstance(cfg, TrainConfig)
-    assert cfg.csd.guidance_updates == (2 if name == "var_d24" else 5)
+def test_example_configs_validate_under_both_recipes(name):
+    paper = load_config(CONFIGS / f"{name}.yaml", ["recipe=paper"])
+    assert isinstance(paper, TrainConfig)
+    assert paper.csd.guidance_updates == (2 if name == "var_d24" else 5)  # Tab. 11
+    assert (paper.csd.warm_start, paper.csd.anchor_weight, paper.csd.weighting) == ("none", 0.0, "sid")
+    rec = load_config(CONFIGS / f"{name}.yaml")  # the default recipe
+    assert rec.recipe == "recommended" and rec.regress.mode == "offline" and rec.csd.warm_start == "regress"
+    assert (rec.csd.guidance_updates, rec.csd.fcs_draws, rec.csd.anchor_weight) == (1, 2, 1.0)
+    assert rec.csd.generator.lr == pytest.approx(paper.csd.generator.lr / 3)
+    assert rec.csd.batch_size == paper.csd.batch_size and rec.regress.batch_size == paper.csd.batch_size
+    # a file or --set value still wins over either recipe
+    assert load_config(CONFIGS / f"{name}.yaml", ["csd.guidance_updates=4"]).csd.guidance_updates == 4
+
+
+def test_recipe_is_checked_and_the_warm_start_must_exist(tmp_path, toy_teacher):
+    assert "recipe" in _error(_toy(tmp_path, toy_teacher, recipe="fast"))
+    cfg = validate_config(_toy(tmp_path, toy_teacher, stage="csd"))
+    with pytest.raises(ConfigError, match="csd.warm_start: .*run the regress stage first"):
+        check_config(cfg, 1)
+    offline = validate_config(_toy(tmp_path, toy_teacher, stage="regress"))
+    with pytest.raises(ConfigError, match="regress.data.shards: unset .*gen-pairs"):
+        check_config(offline, 1)
 
 
 def test_paper_defaults_are_filled_per_teacher():
-    llamagen = load_config(CONFIGS / "llamagen_l.yaml")
+    llamagen = load_config(CONFIGS / "llamagen_l.yaml", ["recipe=paper"])
     assert (llamagen.gts.optim.lr, llamagen.gts.batch_size, llamagen.gts.grad_accum) == (1e-4, 512, 4)
     assert (llamagen.csd.generator.lr, llamagen.csd.guidance.lr, llamagen.csd.batch_size) == (1e-4, 2e-4, 1024)
     assert llamagen.csd.guidance.warmup_steps == 40_000 and llamagen.csd.generator.warmup_steps == 8000
     assert llamagen.csd.guidance.warmup_start_lr == 1e-6 and llamagen.csd.generator.betas == (0.9, 0.95)
     assert llamagen.teacher.policy.top_k == 8000 and llamagen.teacher.policy.cfg_scale == 2.0
-    d24 = load_config(CONFIGS / "var_d24.yaml")
+    d24 = load_config(CONFIGS / "var_d24.yaml", ["recipe=paper"])
     assert (d24.csd.guidance.lr, d24.csd.generator.lr, d24.csd.grad_accum) == (4e-4, 5e-5, 32)
     assert (d24.gts.steps, d24.gts.head_only_steps) == (230_000, 200_000)
     assert d24.teacher.policy.cfg_schedule == "ramp" and d24.teacher.policy.top_k == 900
     # a file value wins over the preset, and the preset keeps the rest of the section
-    over = load_config(CONFIGS / "var_d16.yaml", ["csd.guidance.lr=1e-3", "csd.guidance_updates=2"])
+    over = load_config(CONFIGS / "var_d16.yaml", ["recipe=paper", "csd.guidance.lr=1e-3", "csd.guidance_updates=2"])
     assert over.csd.guidance.lr == 1e-3 and over.csd.guidance.warmup_steps == 40_000
     assert over.csd.guidance_updates == 2
     assert paper_defaults("var", "d20")["csd"]["grad_accum"] == 8

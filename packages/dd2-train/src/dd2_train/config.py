@@ -299,7 +299,7 @@ class TrainConfig(_Strict):
     recipe: Recipe = Field(
         "recommended",
         description="defaults filled before the config file: 'paper' (DD2's CSD from model A, Tab. 11) or "
-        "'recommended' (the project's: flow-map regression warm start, then anchored CSD; README)",
+        "'recommended' (the project's: DD1 flow-map regression warm start, then anchored CSD; README)",
     )
     name: str | None = Field(None, description="stage folder name (default: the stage), e.g. csd-aligned")
     seed: int = Field(0, ge=0, description="global seed; with the same world size a run is reproducible")
@@ -475,25 +475,25 @@ def _paper_recipe(defaults: dict) -> dict:
 
 
 def _recommended_recipe(defaults: dict) -> dict:
-    """The project's recipe (none of it in the paper; measured on the enumerable toy and the Fashion-MNIST demo,
-    README "Recipes"): on-policy flow-map regression from model A (stage `regress`), then CSD from its EMA generator
-    with a regression anchor whose lambda decays linearly, K = 2, t ~ U[0.1, 0.9], omega = 1, snapped prefixes and a
-    guidance pre-fit, at half the paper's generator learning rate (a fine-tuning rate)."""
+    """The project's recipe (none of it in the paper; chosen by the measurements on the enumerable toy, README
+    "Recipes" and docs/experiments.md): DD1's offline flow-map regression from model A (stages `gen-pairs` and
+    `regress`), then CSD from its EMA generator with a constant regression anchor (lambda = 1), K = 1 guidance update
+    per generator update with m = 2 draws, t ~ U[0.1, 0.9], omega = 1, snapped prefixes, a short guidance pre-fit and
+    a third of the paper's generator learning rate (a fine-tuning rate)."""
     csd = defaults["csd"]
     return {
-        "regress": {"mode": "onpolicy", "snap_prefix": True},
+        "regress": {"mode": "offline", "snap_prefix": True},
         "csd": {
             "warm_start": "regress",
-            "guidance_updates": 2,
+            "guidance_updates": 1,
+            "fcs_draws": 2,
             "t_min": 0.1,
             "t_max": 0.9,
             "weighting": "none",
             "snap_prefix": True,
-            "guidance_prefit": 200,
+            "guidance_prefit": 50,
             "anchor_weight": 1.0,
-            "anchor_final": 0.1,
-            "anchor_steps": csd["steps"],
-            "generator": {"lr": csd["generator"]["lr"] / 2},
+            "generator": {"lr": csd["generator"]["lr"] / 3, "warmup_steps": 0},
         },
     }
 
