@@ -265,8 +265,12 @@ class _MapGenerator(torch.nn.Module):
     def sample_noise(self, batch, *, device=None, dtype=None, generator=None):
         return torch.randn(batch, self.teacher.num_tokens, 2, device=device, dtype=dtype, generator=generator)
 
+    def forward_with_features(self, noise, labels):
+        tokens = teacher_flow_map(self.teacher, noise, labels, steps=self.steps) + 0 * self.w
+        return tokens, tokens  # no backbone features (alignment is off)
+
     def forward(self, noise, labels):
-        return teacher_flow_map(self.teacher, noise, labels, steps=self.steps) + 0 * self.w
+        return self.forward_with_features(noise, labels)[0]
 
 
 def test_dd1_map_has_zero_onpolicy_loss(nets):
