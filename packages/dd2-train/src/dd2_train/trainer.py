@@ -41,6 +41,7 @@ from dd2_train.build import (
     build_adapt_model,
     build_ar_diffusion,
     build_teacher,
+    restore_frozen_tokenizer,
     save_adapted_teacher,
 )
 from dd2_train.checkpoint import (
@@ -553,6 +554,8 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None)
                 ema = copy.deepcopy(generator)
                 ema.load_state_dict(module_weights(step_dir, "ema"))
         logger.info("initialised from %s (%s)", step_dir, sorted(modules))
+        for model in (generator.model, guidance, *([ema.model] if ema is not None else [])):
+            restore_frozen_tokenizer(model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
     if cfg.csd.guidance_residual and (init_from is None or "model" in modules):
         start_residual_guidance(guidance)  # psi = teacher + residual (from A: the residual starts at zero)
     if ema is None:
