@@ -7,7 +7,8 @@ tiny multi-scale VQVAE, written as raw state_dicts like the released var_d16.pth
 group structure (a generated token depends on the noise of earlier scales and its own only) is checked exactly in
 packages/dd2-core/tests/test_generator.py; here: the stages agree with the teacher (gen-data's shards are the
 teacher's own KV-cached samples, GTS trains the head alone first), VAR's frozen phi convs stay the VQVAE's through
-every checkpoint and the export, and the pipeline samples the same images with dd2-core alone.
+every checkpoint and the export, and the pipeline samples the same images with dd2-core alone. A second launch runs
+the stages with ZeRO-3 engines and a ZeRO-3-partitioned teacher.
 
 CI environment: DS_ACCELERATOR=cpu (set here for the subprocesses).
 """
@@ -80,13 +81,19 @@ def var_run(tmp_path_factory) -> dict:
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
+    log = _launch(path)
+    return {"root": root, "config": path, "run": root / "run", "var": var, "vqvae": vqvae, "log": log}
+
+
+def _launch(config: Path, *overrides: str) -> str:
+    """deepspeed --num_gpus 2 run.py --config CONFIG --set ...; returns the output."""
     exe = Path(sys.executable).with_name("deepspeed")
     cmd = [str(exe) if exe.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", str(_port())]
-    cmd += [str(RUN_PY), "--config", str(path)]
+    cmd += [str(RUN_PY), "--config", str(config), *(a for o in overrides for a in ("--set", o))]
     env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=root)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=config.parent)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return {"run": root / "run", "var": var, "vqvae": vqvae, "log": proc.stdout + proc.stderr}
+    return proc.stdout + proc.stderr
 
 
 def _shard(path: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -182,3 +189,26 @@ print(json.dumps({{"absent": absent, "core": dd2_core.__file__, "shape": list(ou
     assert cli.returncode == 0, cli.stderr[-4000:]
     want = image_grid(pipe(torch.tensor([0, 0, 1, 1, 2, 2]), seed=0).images, rows=3)  # one row per class
     assert np.array_equal(np.asarray(Image.open(grid).convert("RGB")), want.numpy())
+
+
+@pytest.mark.slow
+def test_zero3_with_a_sharded_var_teacher(var_run):
+    """ZeRO-3 engines and a ZeRO-3-partitioned teacher (its blocks): VAR reads some weights outside their own
+    module's forward (dd2_train.engine.register_child_parameters). The same samples and first GTS step as ZeRO 2."""
+    run = var_run["root"] / "zero3"
+    log = _launch(var_run["config"], f"run_dir={run}", "deepspeed.zero_stage=3", "teacher.shard=true",
+                  "gts.steps=2", "gts.head_only_steps=1", "csd.steps=1")  # fmt: skip
+    assert "teacher: ZeRO-3 partitioned over 2 ranks" in log
+    for a, b in zip(sorted((run / "gen-data" / "shards").glob("*.tar")),
+                    sorted((var_run["run"] / "gen-data" / "shards").glob("*.tar")), strict=True):  # fmt: skip
+        assert torch.equal(_shard(a)[1], _shard(b)[1]), a.name
+    first = [
+        json.loads((r / "gts" / "log.jsonl").read_text().splitlines()[0])["loss_gts"] for r in (run, var_run["run"])
+    ]
+    assert first[0] == first[1]
+    records = [json.loads(line) for line in (run / "csd" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and all(math.isfinite(r["loss_csd"]) for r in records)
+    pipe = OneStepPipeline.from_pretrained(run / "pipeline")
+    vae_phi = _phi(var_run["vqvae"].state_dict(), "quantize.quant_resi.")
+    assert all(torch.equal(v, vae_phi[k]) for k, v in pipe.generator.backbone.phi.state_dict().items())
+    assert pipe([0, 2], seed=0).images.shape == (2, 6, 6, 3)

@@ -232,13 +232,21 @@ def _place_teacher(ctx: StageContext, teacher: nn.Module, *, teacher_forced: boo
         cfg.teacher.family
     ]
     if cfg.teacher.shard:
-        ctx.extra["teacher_engine"] = eng.shard_frozen(net, precision=ctx.precision, world_size=ctx.dist.world_size)
+        target = _shard_target(cfg.teacher.family, net)
+        ctx.extra["teacher_engine"] = eng.shard_frozen(target, precision=ctx.precision, world_size=ctx.dist.world_size)
         logger.info("teacher: ZeRO-3 partitioned over %d ranks", ctx.dist.world_size)
     elif ctx.precision == "bf16" and cfg.teacher.family != "toy":
         net.to(torch.bfloat16)  # runs under autocast; logits and log-probs are computed in fp32
     if cfg.deepspeed.compile and teacher_forced:
         n = eng.compile_regions(net, backend=cfg.deepspeed.compile_backend)
         logger.info("teacher: torch.compile (%s) on %d blocks", cfg.deepspeed.compile_backend, n)
+
+
+def _shard_target(family: str, net: nn.Module) -> nn.Module:
+    """What ZeRO-3 partitions of a frozen teacher. VAR: its blocks only (nearly all its weights); the VAR module's
+    own parameters (pos_start, pos_1LC) are read by the KV-cached sampler and the teacher-forced pass outside any
+    forward of that module, where ZeRO-3 would not gather them, so they stay replicated with the embeddings."""
+    return net.blocks if family == "var" else net
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
