@@ -1,5 +1,5 @@
 """A VAR teacher through every stage (issue: VAR end to end): gen-data -> gts -> csd -> export under the deepspeed
-launcher (2 CPU ranks, gloo, ZeRO 2) with the paper preset, then `OneStepPipeline.from_pretrained` and `dd2 sample`
+launcher (2 CPU ranks, gloo, ZeRO 2) with the paper recipe, then `OneStepPipeline.from_pretrained` and `dd2 sample`
 on the exported VAR pipeline in a fresh venv where only dd2-core is installed (tests/conftest.py).
 
 The teacher is a tiny random-weight VAR (`teacher.size: custom`, 3 scales of 1, 4 and 9 tokens, width 32) with a
@@ -8,7 +8,8 @@ group structure (a generated token depends on the noise of earlier scales and it
 packages/dd2-core/tests/test_generator.py; here: the stages agree with the teacher (gen-data's shards are the
 teacher's own KV-cached samples, GTS trains the head alone first), VAR's frozen phi convs stay the VQVAE's through
 every checkpoint and the export, and the pipeline samples the same images with dd2-core alone. A second launch runs
-the stages with ZeRO-3 engines and a ZeRO-3-partitioned teacher.
+the recommended recipe (gen-data -> gts -> regress -> csd -> export) with ZeRO-3 engines and a ZeRO-3-partitioned
+teacher.
 
 CI environment: DS_ACCELERATOR=cpu (set here for the subprocesses).
 """
@@ -62,6 +63,7 @@ def var_run(tmp_path_factory) -> dict:
     config = {
         "run_dir": str(root / "run"),
         "stage": ["gen-data", "gts", "csd", "export"],
+        "recipe": "paper",
         "seed": SEED,
         "teacher": {
             "family": "var",
@@ -194,11 +196,14 @@ print(json.dumps({{"absent": absent, "core": dd2_core.__file__, "shape": list(ou
 @pytest.mark.slow
 def test_zero3_with_a_sharded_var_teacher(var_run):
     """ZeRO-3 engines and a ZeRO-3-partitioned teacher (its blocks): VAR reads some weights outside their own
-    module's forward (dd2_train.engine.register_child_parameters). The same samples and first GTS step as ZeRO 2."""
+    module's forward (dd2_train.engine.register_child_parameters). The same samples and first GTS step as ZeRO 2.
+    With the recommended recipe: on-policy flow-map regression (the teacher's per-scale flow map), then CSD from it."""
     run = var_run["root"] / "zero3"
     log = _launch(var_run["config"], f"run_dir={run}", "deepspeed.zero_stage=3", "teacher.shard=true",
-                  "gts.steps=2", "gts.head_only_steps=1", "csd.steps=1")  # fmt: skip
+                  "recipe=recommended", "stage=[gen-data,gts,regress,csd,export]", "gts.steps=2",
+                  "gts.head_only_steps=1", "regress.steps=1", "regress.batch_size=8", "csd.steps=1")  # fmt: skip
     assert "teacher: ZeRO-3 partitioned over 2 ranks" in log
+    assert "generator warm-started from the EMA generator of" in (run / "csd" / "log.txt").read_text()
     for a, b in zip(sorted((run / "gen-data" / "shards").glob("*.tar")),
                     sorted((var_run["run"] / "gen-data" / "shards").glob("*.tar")), strict=True):  # fmt: skip
         assert torch.equal(_shard(a)[1], _shard(b)[1]), a.name

@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from dd2_train.config import ConfigError, check_config, load_config
+from dd2_core.clitools import add_debug_flag, run_main
+from dd2_train.config import check_config, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,24 +31,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 2 for bad input (config, files, shards, checkpoints), 1 for failures while running; every rank
+    prints its one message (dd2_core.clitools); --debug or DD2_DEBUG=1 adds the traceback."""
     args = parse_args(argv)
-    try:
+    world = int(os.environ.get("WORLD_SIZE", 1))  # launchers set WORLD_SIZE and RANK
+    prefix = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
+
+    def body() -> int:
         cfg = load_config(args.config, args.set)
         if args.dry_run:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
-        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any work (launchers set WORLD_SIZE)
+        check_config(cfg, world)  # before any work
         from dd2_train.trainer import train
 
         train(cfg, local_rank=args.local_rank)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_main("dd2-train", body, debug=args.debug, prefix=prefix)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from torch import nn
 
 from dd2_core import ARDiffusion, BackboneConfig, HeadConfig, OneStepGenerator, TransformerBackbone, VelocityHead
 from dd2_core.errors import DD2ValueError
+from dd2_core.generator import codebook_noise_scale
 
 
 def _model(seed=0, n=5, c=3, classes=4):
@@ -76,6 +77,47 @@ def test_shape_and_label_errors():
         gen(torch.randn(2, 5, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(DD2ValueError, match="token_dim/cond_dim"):
         ARDiffusion(model.backbone, VelocityHead(HeadConfig(token_dim=3, cond_dim=31, width=8, depth=1)))
+
+
+def test_generator_options_noise_scale_class_cond_head_time():
+    model = _model()
+    noise, labels = torch.randn(3, 5, 3), torch.tensor([0, 1, 3])
+    plain = OneStepGenerator.from_ar_diffusion(model)
+    cond = OneStepGenerator.from_ar_diffusion(model, class_cond=True)
+    assert torch.equal(cond(noise, labels), plain(noise, labels))  # zero-initialised: starts as the plain generator
+    nn.init.normal_(cond.class_embed.weight)
+    assert not torch.allclose(cond(noise, labels), plain(noise, labels))
+    assert "class_embed.weight" in cond.state_dict() and "class_embed.weight" not in plain.state_dict()
+    # noise_scale: the backbone reads s * eps, the head still reads eps
+    scaled = OneStepGenerator.from_ar_diffusion(model, noise_scale=0.5)
+    f = model.features(0.5 * noise, labels)
+    t = torch.ones(3, 5, 1)
+    assert torch.allclose(scaled(noise, labels), noise - model.head(noise, t, f), atol=1e-6)
+    half = OneStepGenerator.from_ar_diffusion(model, 0.5)
+    t = torch.full((3, 5, 1), 0.5)
+    assert torch.allclose(half(noise, labels), noise - 0.5 * model.head(noise, t, model.features(noise, labels)))
+    assert half.options() == {"head_time": 0.5, "noise_scale": 1.0, "class_cond": False}
+    for bad in ({"head_time": 0.0}, {"head_time": 1.5}, {"noise_scale": -1.0}):
+        with pytest.raises(DD2ValueError):
+            OneStepGenerator(model, **bad)
+
+
+def test_codebook_noise_scale_matches_the_codes_norm():
+    codebook = 3.0 * torch.nn.functional.normalize(torch.randn(16, 4), dim=-1)
+    s = codebook_noise_scale(codebook)
+    assert s == pytest.approx(3.0 / 2.0, rel=1e-6)  # mean code norm 3 over sqrt(C) = 2
+
+
+def test_ar_diffusion_sampler_power_grid_and_snapping():
+    model = _model()
+    labels = torch.tensor([0, 2])
+    noise = torch.randn(2, 5, 3)
+    uniform = model.sample(labels, steps=4, noise=noise, power=1.0)
+    powered = model.sample(labels, steps=4, noise=noise)  # the teacher flow's grid (power 2) by default
+    assert not torch.allclose(uniform, powered)
+    codebook = torch.randn(6, 3)
+    snapped = model.sample(labels, steps=4, noise=noise, snap_codebook=codebook)
+    assert all(any(torch.equal(tok, c) for c in codebook) for tok in snapped.reshape(-1, 3))
 
 
 def test_var_generator_reads_noise_of_earlier_scales_and_its_own_token_only():

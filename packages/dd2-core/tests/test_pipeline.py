@@ -120,3 +120,20 @@ def test_var_pipeline_round_trip(tmp_path):
     assert out.tokens.shape == (2, 30, 4) and out.images.dtype == torch.uint8
     pipe.save_pretrained(tmp_path / "v")
     assert torch.equal(OneStepPipeline.from_pretrained(tmp_path / "v")([0, 2], seed=1).images, out.images)
+
+
+def test_generator_options_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = BackboneConfig(num_tokens=4, token_dim=2, num_classes=3, dim=16, heads=2)
+    head = HeadConfig(token_dim=2, cond_dim=16, width=16, depth=1)
+    model = ARDiffusion(TransformerBackbone(cfg), VelocityHead(head))
+    gen = OneStepGenerator(model, 0.45, noise_scale=0.7, class_cond=True)
+    torch.nn.init.normal_(gen.head.final.linear.weight)
+    torch.nn.init.normal_(gen.class_embed.weight)
+    pipe = OneStepPipeline.from_models(gen, family="transformer", backbone_config=cfg)
+    pipe.save_pretrained(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (config["head_time"], config["noise_scale"], config["class_cond"]) == (0.45, 0.7, True)
+    back = OneStepPipeline.from_pretrained(tmp_path / "p")
+    assert back.generator.options() == gen.options()
+    assert torch.equal(back([0, 1, 2], seed=3).tokens, pipe([0, 1, 2], seed=3).tokens)

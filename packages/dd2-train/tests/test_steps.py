@@ -5,18 +5,25 @@ import torch
 from pydantic import ValidationError
 
 from dd2_core import OneStepGenerator
+from dd2_core.flow import noisy
 from dd2_core.heads import HeadConfig
+from dd2_core.losses import csd_loss
+from dd2_core.sampling import nearest_code, teacher_flow_map
+from dd2_core.scores import teacher_x0_hat
 from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig, ar_diffusion_from_teacher
 from dd2_train.steps import (
     CSDConfig,
     GTSConfig,
+    RegressConfig,
     TorchUpdater,
     csd_round,
     ema_decay,
     ema_update,
+    flow_map_target,
     generator_step,
     gts_step,
     guidance_step,
+    onpolicy_regression_step,
     regression_step,
 )
 
@@ -209,3 +216,152 @@ def test_residual_guidance_starts_at_the_teacher_and_needs_it(nets):
     assert gui.head.final.linear.weight.abs().max() > 0
     m = generator_step(gen, gen_up, gui, teacher, labels, cfg, rng=torch.Generator().manual_seed(1))
     assert m["loss_csd"] != 0 and any(g.abs().max() > 0 for g in gen_up.grads)
+
+
+# -- flow-map regression (on-policy and offline) and anchored CSD --------------------------------------------------
+def _fine_flow(noise, log_probs, codebook, steps=1000):
+    """An independent reference: classical RK4 in float64 on a fine grid t = (1 - k/steps)^2, with the mixture
+    posterior written out directly (no dd2_core.scores); every token is its own ODE (batched only for speed)."""
+    cb = codebook.double()
+    lp = log_probs.double()
+
+    def vel(x, t):
+        d2 = ((x.unsqueeze(-2) - (1 - t) * cb) ** 2).sum(-1)  # (B, N, V)
+        w = torch.softmax(lp - d2 / (2 * t * t), -1)
+        return (x - w @ cb) / t
+
+    grid = [(1 - k / steps) ** 2 for k in range(steps + 1)]
+    x = noise.double()
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        h = t1 - t0
+        if t1 == 0.0:  # last step: lands on the posterior mean (x - t v = x0_hat)
+            return x + h * vel(x, t0)
+        k1 = vel(x, t0)
+        k2 = vel(x + h / 2 * k1, t0 + h / 2)
+        k3 = vel(x + h / 2 * k2, t0 + h / 2)
+        k4 = vel(x + h * k3, t1)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def test_flow_map_target_is_the_per_token_teacher_flow(nets):
+    teacher, _ = nets
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(6, 3, 2, generator=g)
+    log_probs = teacher.log_probs(
+        teacher.embed(torch.randint(4, (6, 3), generator=g)), torch.zeros(6, dtype=torch.long)
+    )
+    ref = _fine_flow(noise, log_probs, teacher.codebook)
+    got = flow_map_target(noise, log_probs, teacher.codebook, steps=2048, power=2.0)
+    assert (got.double() - ref).abs().max() <= 1e-3
+    # the default grid (32 Euler steps) ends on the same code for every token here
+    coarse = flow_map_target(noise, log_probs, teacher.codebook, steps=32, power=2.0)
+    assert torch.equal(nearest_code(coarse, teacher.codebook), nearest_code(ref.float(), teacher.codebook))
+
+
+class _MapGenerator(torch.nn.Module):
+    """A 'generator' that is exactly DD1's map F (teacher_flow_map), plus a dummy parameter for the updater."""
+
+    def __init__(self, teacher, steps):
+        super().__init__()
+        self.teacher, self.steps = teacher, steps
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def sample_noise(self, batch, *, device=None, dtype=None, generator=None):
+        return torch.randn(batch, self.teacher.num_tokens, 2, device=device, dtype=dtype, generator=generator)
+
+    def forward(self, noise, labels):
+        return teacher_flow_map(self.teacher, noise, labels, steps=self.steps) + 0 * self.w
+
+
+def test_dd1_map_has_zero_onpolicy_loss(nets):
+    teacher, model = nets
+    labels = torch.zeros(16, dtype=torch.long)
+    fixed = _MapGenerator(teacher, steps=32)
+    up = TorchUpdater(torch.optim.SGD(fixed.parameters(), lr=0.0))
+    cfg = RegressConfig(snap_prefix=False, flow_steps=32)
+    m = onpolicy_regression_step(fixed, up, teacher, labels, cfg, rng=torch.Generator().manual_seed(0))
+    assert m["loss_reg"] < 1e-10
+    gen = OneStepGenerator.from_ar_diffusion(model)  # not the map: a positive loss, and the generator trains
+    before = _params(gen)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=1e-3))
+    m = onpolicy_regression_step(gen, up, teacher, labels, RegressConfig(), rng=torch.Generator().manual_seed(0))
+    assert m["loss_reg"] > 1e-3 and _changed(before, gen)
+
+
+def test_onpolicy_regression_converges_toward_the_map(nets):
+    teacher, model = nets
+    gen = OneStepGenerator.from_ar_diffusion(model)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=3e-3))
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.zeros(32, dtype=torch.long)
+    losses = [
+        onpolicy_regression_step(gen, up, teacher, labels, RegressConfig(), rng=rng)["loss_reg"] for _ in range(40)
+    ]
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+def test_anchored_csd_with_lambda_zero_is_todays_csd_bit_for_bit(nets):
+    teacher, model = nets
+    labels = torch.zeros(8, dtype=torch.long)
+    results = []
+    for cfg in (CSDConfig(), CSDConfig(anchor_weight=0.0, anchor_final=0.0, anchor_steps=5, flow_steps=8)):
+        torch.manual_seed(0)
+        gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+        up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=1e-3))
+        m = generator_step(gen, up, gui, teacher, labels, cfg, rng=torch.Generator().manual_seed(1), step=3)
+        results.append((m, [p.detach().clone() for p in gen.parameters()]))
+    (m0, p0), (m1, p1) = results
+    assert set(m0) == set(m1) == {"loss_csd"} and torch.equal(m0["loss_csd"], m1["loss_csd"])
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_anchor_adds_the_flow_map_regression_and_its_schedule(nets):
+    teacher, model = nets
+    cfg = CSDConfig(anchor_weight=2.0, anchor_final=0.5, anchor_steps=4, flow_steps=8)
+    assert [cfg.anchor_at(s) for s in (0, 2, 4, 9)] == [2.0, 1.25, 0.5, 0.5]
+    assert CSDConfig(anchor_weight=0.3).anchor_at(10**6) == 0.3
+    labels = torch.zeros(8, dtype=torch.long)
+    gen, gui = OneStepGenerator.from_ar_diffusion(model), copy.deepcopy(model)
+    up = TorchUpdater(torch.optim.SGD(gen.parameters(), lr=0.0))
+    m = generator_step(gen, up, gui, teacher, labels, cfg, rng=torch.Generator().manual_seed(1), step=2)
+    assert m["anchor_lambda"] == 1.25 and m["loss_anchor"] > 0
+    # the anchor's value is the on-policy regression loss of the same noise and prefix
+    m2 = onpolicy_regression_step(gen, up, teacher, labels, RegressConfig(snap_prefix=False, flow_steps=8),
+                                  rng=torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.allclose(m["loss_anchor"], m2["loss_reg"], rtol=1e-5)
+
+
+def test_sid_sequence_weighting_normalises_per_sequence(nets):
+    teacher, model = nets
+    torch.manual_seed(0)
+    q = teacher.embed(torch.randint(4, (4, 3))) + 0.1 * torch.randn(4, 3, 2)
+    f = model.features(q, torch.zeros(4, dtype=torch.long))
+    lp = teacher.log_probs(q, torch.zeros(4, dtype=torch.long))
+    t, eps = torch.full((4, 3, 1), 0.5), torch.randn(4, 3, 2)
+    args = (q, model.head, f, lp, teacher.codebook, t, eps)
+    none, seq = csd_loss(*args, weighting="none"), csd_loss(*args, weighting="sid_seq")
+    with torch.no_grad():
+        f_teacher = teacher_x0_hat(noisy(q, eps, t), t, lp, teacher.codebook)
+        omega = 1 / (q - f_teacher).abs().mean((1, 2))  # (B,)
+    assert torch.allclose(seq, none * omega[:, None], rtol=1e-5)
+    with pytest.raises(ValueError, match="sid_seq"):
+        csd_loss(*args, weighting="bogus")
+
+
+def test_prefix_feature_alignment_pulls_noise_features_toward_a(nets):
+    teacher, model = nets
+    labels = torch.zeros(16, dtype=torch.long)
+    gen = OneStepGenerator.from_ar_diffusion(model)
+    up = TorchUpdater(torch.optim.Adam(gen.parameters(), lr=1e-3))
+    cfg = RegressConfig(align_weight=1.0)
+    with pytest.raises(ValueError, match="reference"):
+        onpolicy_regression_step(gen, up, teacher, labels, cfg, rng=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model).requires_grad_(False)
+    m = onpolicy_regression_step(gen, up, teacher, labels, cfg, rng=torch.Generator().manual_seed(0),
+                                 reference=reference)  # fmt: skip
+    assert m["loss_align"] > 0 and set(m) == {"loss_reg", "loss_align"}
+    gui = copy.deepcopy(model)
+    m = generator_step(gen, up, gui, teacher, labels, CSDConfig(align_weight=0.5), reference=reference,
+                       rng=torch.Generator().manual_seed(0))  # fmt: skip
+    assert m["loss_align"] > 0 and "loss_anchor" not in m

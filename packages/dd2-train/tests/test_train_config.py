@@ -130,7 +130,7 @@ def test_custom_var_teacher_takes_sizes_and_the_d16_preset(tmp_path):
     var = {"depth": 2, "embed_dim": 32, "num_heads": 2, "vocab_size": 16, "token_dim": 4, "patch_nums": [1, 2, 3]}
     vqvae = {"vocab_size": 16, "token_dim": 4, "ch": 32, "ch_mult": [1, 1], "patch_nums": [1, 2, 3]}
     teacher = {"family": "var", "size": "custom", "ckpt": "v.pth", "vq_ckpt": "q.pth", "var": var, "vqvae": vqvae}
-    raw = {"run_dir": str(tmp_path), "stage": "gts", "teacher": teacher}
+    raw = {"run_dir": str(tmp_path), "stage": "gts", "recipe": "paper", "teacher": teacher}
     cfg = validate_config(raw)
     assert cfg.teacher.var.token_groups == (1, 4, 9) and cfg.teacher.vqvae.ch_mult == (1, 1)
     assert paper_defaults("var", "custom") == paper_defaults("var", "d16")  # [inferred]: the smallest released VAR

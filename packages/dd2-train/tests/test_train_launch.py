@@ -1,5 +1,7 @@
 """Every stage through the real launch path (torchrun, 2 CPU ranks, gloo) for ZeRO 1, 2 and 3, and bitwise resume
-after SIGKILL. Each launch runs adapt -> gen-data -> gts -> csd -> align -> export on a tiny toy teacher.
+after SIGKILL. Each launch runs adapt -> gen-data -> gts -> gen-pairs -> regress -> csd -> align -> export on a tiny
+toy teacher with the recommended recipe (regress warm start, anchored CSD); regress is offline (DD1 on the pair
+shards) under ZeRO 2 and on-policy under ZeRO 1 and 3.
 
 CI environment: DS_ACCELERATOR=cpu (set here for the subprocesses); the first launch on a machine JIT-builds
 DeepSpeed's shm_comm op (~30-60 s; cache it with TORCH_EXTENSIONS_DIR).
@@ -26,8 +28,8 @@ from dd2_train.data import write_shard
 
 TESTS = Path(__file__).resolve().parent
 RUN_PY = TESTS.parent / "run.py"
-STAGES = ["adapt", "gen-data", "gts", "csd", "align", "export"]
-TIMEOUT = 240
+STAGES = ["adapt", "gen-data", "gts", "gen-pairs", "regress", "csd", "align", "export"]
+TIMEOUT = 480  # per launch; generous for a loaded 2-core machine
 
 
 def _port() -> int:
@@ -83,6 +85,15 @@ def setup(tmp_path_factory) -> dict:
             "optim": {"lr": 1e-3, "warmup_steps": 3},
             "data": {"num_workers": 2, "shuffle_buffer": 8},
         },
+        "gen_pairs": {"num_samples": 64, "shard_size": 16, "batch_size": 16, "flow_steps": 8},
+        "regress": {
+            "mode": "offline",
+            "steps": 4,
+            "batch_size": 8,
+            "grad_accum": 2,
+            "optim": {"lr": 1e-3},
+            "data": {"num_workers": 1, "shuffle_buffer": 8},
+        },
         "csd": {
             "steps": 6,
             "batch_size": 8,
@@ -110,7 +121,7 @@ def zero2_run(setup) -> Path:
 
 
 def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
-    for stage in ("adapt", "gts", "csd", "align"):
+    for stage in ("adapt", "gts", "regress", "csd", "align"):
         folder = RunFolder(run / stage)
         latest = folder.latest_checkpoint()
         assert latest is not None, f"{stage}: no checkpoint"
@@ -124,6 +135,9 @@ def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
     assert sorted(p.name for p in (run / "gen-data" / "shards").glob("*.tar")) == [
         f"shard-{j:06d}.tar" for j in range(8)
     ]
+    assert sorted(p.name for p in (run / "gen-pairs" / "shards").glob("*.tar")) == [
+        f"shard-{j:06d}.tar" for j in range(4)
+    ]
     assert ToyTeacher.load(run / "adapt" / "teacher").cfg == teacher.cfg  # the adapted teacher
     # gts: the backbone stays exactly the teacher's during the 2 head-only steps, then trains
     gts = dict(RunFolder(run / "gts").complete_checkpoints())
@@ -133,9 +147,17 @@ def _check_pipeline_run(run: Path, teacher: ToyTeacher, zero: int) -> None:
     assert all(torch.equal(at2[f"backbone.{k}"], v) for k, v in teacher_bb.items())
     assert not all(torch.equal(at4[f"backbone.{k}"], v) for k, v in teacher_bb.items())
     assert not torch.equal(at2["head.final.linear.weight"], torch.zeros_like(at2["head.final.linear.weight"]))
-    # csd: the progressive EMA rate after 6 generator updates
+    # regress starts from model A (last gts checkpoint); csd's generator starts from regress's EMA generator
+    regress_log = _log(run / "regress")
+    assert sorted(regress_log) == [1, 2, 3, 4] and all(rec["loss_reg"] > 0 for rec in regress_log.values())
+    assert "generator initialised from model A of" in (run / "regress" / "log.txt").read_text()
+    assert "generator warm-started from the EMA generator of" in (run / "csd" / "log.txt").read_text()
+    # csd: the progressive EMA rate after 6 generator updates; the anchor's lambda decays linearly (recipe)
     csd_log = _log(run / "csd")
     assert csd_log[6]["ema_decay"] == pytest.approx(min(0.99, 6 / 15))
+    csd_records = [json.loads(line) for line in (run / "csd" / "log.jsonl").read_text().splitlines()]
+    lams = [r["anchor_lambda"] for r in csd_records]
+    assert lams[0] == pytest.approx(1.0) and all(a > b for a, b in zip(lams, lams[1:]))
     assert "csd guidance pre-fit 2/2" in (run / "csd" / "log.txt").read_text()  # before round 1 of a fresh run
     # export: the pipeline holds the EMA generator of the last csd checkpoint and generates
     pipe = OneStepPipeline.from_pretrained(run / "pipeline")
@@ -163,7 +185,7 @@ def test_all_stages_zero1_zero3(setup, zero):
         ["teacher.shard=true", "deepspeed.activation_checkpointing=true"]
         if zero == 3
         else ["deepspeed.compile=true", "deepspeed.compile_backend=aot_eager"]  # regional compile under ZeRO-1
-    )
+    ) + ["regress.mode=onpolicy"]
     _ok(_launch(RUN_PY, setup["config"], f"run_dir={run}", f"deepspeed.zero_stage={zero}", *extra))
     _check_pipeline_run(run, setup["teacher"], zero)
     if zero == 1:  # every trained network and the teacher-forced teacher; not gen-data's sampler
@@ -181,8 +203,9 @@ def test_sigkill_resume_is_bitwise_equal(setup, zero2_run):
         f"run_dir={run}",
         "deepspeed.zero_stage=2",
         "checkpoint.keep_last=2",
-        "stage=[gts,csd]",
+        "stage=[gts,regress,csd]",
         f"gts.data.shards={zero2_run / 'gen-data' / 'shards'}",
+        f"regress.data.shards={zero2_run / 'gen-pairs' / 'shards'}",
     ]
     killer = TESTS / "kill_during_commit.py"
     # 1) killed while committing gts step 8: step 6 is the last complete checkpoint, step 8 is half-written
@@ -191,17 +214,22 @@ def test_sigkill_resume_is_bitwise_equal(setup, zero2_run):
     tmp = run / "gts" / "checkpoints" / ".tmp-step_000008"
     assert tmp.is_dir() and not (tmp / "manifest.json").exists()
     assert RunFolder(run / "gts").latest_checkpoint().name == "step_000006"
-    # 2) the same command resumes gts at step 6 (data stream replayed into epoch 1), then dies in csd at step 4
-    second = _launch(killer, setup["config"], *args, env={"DD2_TEST_KILL": "csd:4"})
+    # 2) the same command resumes gts at step 6 (data stream replayed into epoch 1), then dies in regress at step 4
+    second = _launch(killer, setup["config"], *args, env={"DD2_TEST_KILL": "regress:4"})
     assert second.returncode != 0
     assert "removed the half-written checkpoint" in second.stderr and ".tmp-step_000008" in second.stderr
     assert "gts/checkpoints/step_000006 (step 6)" in second.stderr  # "resumed from ..."
-    # 3) plain re-run: csd resumes at step 2 (two engines, EMA, RNG) and finishes
+    # 3) regress resumes at step 2 (engine, EMA, RNG, pair stream), then csd dies at step 4
+    third = _launch(killer, setup["config"], *args, env={"DD2_TEST_KILL": "csd:4"})
+    assert third.returncode != 0
+    assert "regress/checkpoints/step_000002 (step 2)" in third.stderr
+    # 4) plain re-run: csd resumes at step 2 (two engines, EMA, RNG) and finishes
     _ok(_launch(RUN_PY, setup["config"], *args))
-    assert _log(run / "gts") == _log(zero2_run / "gts")  # every step, bitwise (floats via JSON repr)
-    assert _log(run / "csd") == _log(zero2_run / "csd")
-    ref = RunFolder(zero2_run / "csd").latest_checkpoint()
-    got = RunFolder(run / "csd").latest_checkpoint()
-    for name in ("generator", "guidance", "ema"):
-        a, b = module_weights(ref, name), module_weights(got, name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    for stage in ("gts", "regress", "csd"):
+        assert _log(run / stage) == _log(zero2_run / stage), stage  # every step, bitwise (floats via JSON repr)
+    for stage, names in {"regress": ("generator", "ema"), "csd": ("generator", "guidance", "ema")}.items():
+        ref = RunFolder(zero2_run / stage).latest_checkpoint()
+        got = RunFolder(run / stage).latest_checkpoint()
+        for name in names:
+            a, b = module_weights(ref, name), module_weights(got, name)
+            assert all(torch.equal(a[k], b[k]) for k in a), (stage, name)

@@ -8,6 +8,7 @@ Layouts accepted by `read_state_dict`:
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping
@@ -81,7 +82,40 @@ def load_strict(module: nn.Module, sd: Mapping[str, Tensor], *, expected: str, s
 
     `expected` names the configuration the module was built for (e.g. "LlamaGen GPT-L (24 layers, dim 1024)").
     """
-    own = module.state_dict()
+    _compare(module.state_dict(), sd, expected=expected, source=source)
+    module.load_state_dict(sd, strict=True)
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from a .safetensors file's header alone (no tensor is read or allocated)."""
+    import json
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: not a readable safetensors file ({type(e).__name__}: {e}); is it complete?"
+        ) from e
+
+
+def check_shapes(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, expected: str, source: str) -> None:
+    """The `load_strict` comparison against shapes only (e.g. a module built on the meta device and a file's
+    header): one CheckpointError listing missing keys, unexpected keys and shape mismatches."""
+    fake = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    _compare(module.state_dict(), fake, expected=expected, source=source)
+
+
+def _compare(own: Mapping[str, Tensor], sd: Mapping[str, Tensor], *, expected: str, source: str) -> None:
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -99,13 +133,15 @@ def load_strict(module: nn.Module, sd: Mapping[str, Tensor], *, expected: str, s
             lines.append(f"  {len(mismatched)} shape mismatches (key, found, expected): {few(mismatched)}")
         lines.append("  check the model family and size in the config against the checkpoint file")
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(sd, strict=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {e.filename} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -113,9 +149,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # ENOSPC from write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

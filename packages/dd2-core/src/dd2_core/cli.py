@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dd2_core.checkpoint import atomic_write_bytes
-from dd2_core.errors import DD2Error
+from dd2_core.clitools import add_debug_flag, class_ids, device_name, positive_int, run_main, seed_int
+from dd2_core.errors import DD2ValueError
 
 logger = logging.getLogger(__name__)
 
@@ -39,25 +40,23 @@ def save_png(array: torch.Tensor, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _parse_classes(text: str, num_classes: int) -> list[int]:
-    try:
-        classes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise SystemExit(f"--classes: expected comma-separated integers such as 0,1,2, got {text!r}") from e
+def _check_classes(classes: tuple[int, ...], num_classes: int) -> list[int]:
     bad = [c for c in classes if not 0 <= c < num_classes]
-    if not classes or bad:
-        raise SystemExit(f"--classes: expected ids in [0, {num_classes - 1}], got {text!r}")
-    return classes
+    if bad:
+        raise DD2ValueError(f"--classes: expected ids in [0, {num_classes - 1}] (this pipeline's classes), got {bad}")
+    return list(classes)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from dd2_core.pipeline import OneStepPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = OneStepPipeline.from_pretrained(args.pipeline, device=device)
     if pipe.decoder is None:
-        raise SystemExit(f"{args.pipeline}: this pipeline has no image decoder (decoder = 'none'); nothing to draw")
-    classes = _parse_classes(args.classes, pipe.num_classes) if args.classes else list(range(min(pipe.num_classes, 10)))
+        raise DD2ValueError(
+            f"--pipeline {args.pipeline}: this pipeline has no image decoder (decoder = 'none'); nothing to draw"
+        )
+    classes = _check_classes(args.classes, pipe.num_classes) if args.classes else list(range(min(pipe.num_classes, 10)))
     labels = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
     tic = time.perf_counter()
     out = pipe(labels, seed=args.seed)
@@ -86,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a PNG grid (one row per class) from a pipeline folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--pipeline", required=True, type=Path, help="pipeline folder written by export")
-    p.add_argument("--classes", default="", help="comma-separated class ids (default: the first 10 classes)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--classes", type=class_ids, default=(), help="comma-separated class ids (default: the first 10)")
+    p.add_argument("--per-class", type=positive_int, default=8, help="images per class (grid columns)")
+    p.add_argument("--seed", type=seed_int, default=0, help="noise seed")
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (one row per class)")
     p.add_argument("--out-dir", type=Path, default=None, help="instead: one PNG grid per class, DIR/class_<id>.png")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_debug_flag(p)
     p.set_defaults(func=cmd_sample)
     return parser
 
@@ -100,11 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (DD2Error, FileNotFoundError) as e:
-        print(f"dd2: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("dd2", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

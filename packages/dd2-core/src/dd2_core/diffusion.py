@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from dd2_core.backbone import Backbone
 from dd2_core.errors import DD2ValueError
 from dd2_core.heads import VelocityHead
+from dd2_core.sampling import nearest_code, time_grid
 from dd2_core.teacher import group_slices
 
 
@@ -45,10 +46,20 @@ class ARDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, labels: Tensor, *, steps: int = 10, generator: torch.Generator | None = None, noise: Tensor | None = None
+        self,
+        labels: Tensor,
+        *,
+        steps: int = 10,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        power: float = 2.0,
+        snap_codebook: Tensor | None = None,
     ) -> Tensor:
         """AR-diffusion sampling: group by group, integrate the head's flow from t = 1 to 0 with `steps` Euler steps.
 
+        The steps sit on the teacher flow's grid t_k = (1 - k / steps)^power (`dd2_core.sampling.time_grid`; power 1
+        is a uniform grid). With `snap_codebook` (V, C) each finished group is snapped to its nearest codes before
+        later groups condition on it (and returned snapped), like the teacher's own flow map.
         Shapes: labels (B,) -> tokens (B, N, C). `noise` (B, N, C) fixes the starting points.
         """
         bb = self.backbone
@@ -58,12 +69,15 @@ class ARDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(b, bb.num_tokens, bb.token_dim, device=device, generator=generator, dtype=dtype)
         tokens = torch.zeros_like(noise)
-        times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        times = time_grid(steps, power=power, device=device).to(dtype)
         for sl in group_slices(bb.token_groups):
             f = self.features(tokens, labels)[:, sl]  # (B, n_g, D): depends only on earlier groups
             x = noise[:, sl]
             for k in range(steps):
                 t = times[k].expand(*x.shape[:2], 1)
                 x = x + (times[k + 1] - times[k]) * self.head(x, t, f)  # dx = v dt, dt < 0
+            if snap_codebook is not None:
+                cb = snap_codebook.to(device=x.device, dtype=x.dtype)
+                x = cb[nearest_code(x, cb)]
             tokens[:, sl] = x
         return tokens

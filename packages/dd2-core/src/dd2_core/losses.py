@@ -91,7 +91,7 @@ def csd_loss(
     t: Tensor,
     eps: Tensor,
     *,
-    weighting: Literal["sid", "none"] = "sid",
+    weighting: Literal["sid", "sid_seq", "none"] = "sid",
     residual: bool = False,
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> Tensor:
@@ -100,7 +100,9 @@ def csd_loss(
         x_t      = (1 - t) q + t eps'                          q = generator tokens (carry the gradient)
         f_Phi    = x0_hat_teacher(x_t, t | p(. | sg(q_<i)))    exact posterior mean (scores.teacher_x0_hat)
         f_psi    = x_t - t v_psi(x_t, t | f_i(sg(q_<i)))       guidance denoiser
-        omega    = 1 / mean_C |q - f_Phi|                      ('sid', no gradient; 'none': omega = 1)
+        omega    = 1 / mean_C |q - f_Phi|                      ('sid', per token, no gradient; 'none': omega = 1;
+                                                               'sid_seq': 1 / mean_{N,C} |q - f_Phi| per sequence,
+                                                               SiD's per-image normaliser)
         L        = omega * (f_Phi - f_psi) . (f_psi - q)       (sum over C)
 
     With `residual` (not in the paper) the guidance head predicts only a residual velocity on top of the teacher's:
@@ -120,10 +122,13 @@ def csd_loss(
     if weighting == "sid":
         with torch.no_grad():
             omega = 1.0 / (q - f_teacher).abs().mean(-1, keepdim=True).clamp_min(TINY)  # (B, N, 1), sg(.)
+    elif weighting == "sid_seq":
+        with torch.no_grad():
+            omega = 1.0 / (q - f_teacher).abs().mean((-2, -1), keepdim=True).clamp_min(TINY)  # (B, 1, 1), sg(.)
     elif weighting == "none":
         omega = torch.ones_like(q[..., :1])
     else:
-        raise ValueError(f"weighting: expected 'sid' or 'none', got {weighting!r}")
+        raise ValueError(f"weighting: expected 'sid', 'sid_seq' or 'none', got {weighting!r}")
     return (omega * (f_teacher - f_fake) * (f_fake - q)).sum(-1)
 
 

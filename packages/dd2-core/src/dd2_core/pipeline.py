@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from dd2_core.backbone import Backbone
-from dd2_core.checkpoint import atomic_write_bytes, load_strict, read_state_dict, save_safetensors
+from dd2_core.checkpoint import (
+    atomic_write_bytes,
+    check_shapes,
+    load_strict,
+    read_state_dict,
+    safetensors_shapes,
+    save_safetensors,
+)
 from dd2_core.diffusion import ARDiffusion
 from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels
 from dd2_core.generator import OneStepGenerator
@@ -59,6 +66,8 @@ class PipelineConfig(BaseModel):
     backbone: dict[str, Any] = Field(..., description="the backbone's own config (validated by its config class)")
     head: HeadConfig
     head_time: float = Field(1.0, gt=0.0, le=1.0, description="t fed to the generator's head")
+    noise_scale: float = Field(1.0, gt=0.0, description="the generator's backbone reads noise_scale * eps")
+    class_cond: bool = Field(False, description="the generator adds a class embedding to the head's condition")
     decoder: Literal["none", "llamagen_vq", "var_vqvae"] = Field("none", description="token -> image decoder")
     decoder_config: dict[str, Any] | None = Field(None, description="the decoder's own config")
     num_classes: int = Field(..., ge=1)
@@ -95,6 +104,33 @@ def build_decoder(name: str, config: dict[str, Any] | None) -> nn.Module | None:
 def to_uint8(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, round((x + 1) * 127.5) clamped to [0, 255]."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _check_folder(folder: Path, config: PipelineConfig) -> None:
+    """Build the networks of `config` on the meta device (no memory) and compare them with config.json's class count
+    and the weight files' headers: a config that does not match its weights fails here, before any allocation."""
+    cfg_path = folder / "config.json"
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(config.family, config.backbone)
+            generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+            decoder = build_decoder(config.decoder, config.decoder_config)
+    except (ValidationError, ValueError, TypeError) as e:
+        raise CheckpointError(f"pipeline: {cfg_path} describes no buildable network:\n{e}") from e
+    if backbone.num_classes != config.num_classes:
+        raise CheckpointError(
+            f"pipeline: {cfg_path} has num_classes {config.num_classes}, but its backbone has "
+            f"{backbone.num_classes} classes (backbone.num_classes); the two must agree"
+        )
+    parts = [("generator.safetensors", generator, f"a {config.family} one-step generator")]
+    if decoder is not None:
+        parts.append(("decoder.safetensors", decoder, f"decoder {config.decoder}"))
+    for name, module, expected in parts:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline: expected {path} next to {cfg_path}, found no such file")
+        check_shapes(module, safetensors_shapes(path), expected=f"{expected} as {cfg_path} describes it",
+                     source=str(path))  # fmt: skip
 
 
 class OneStepPipeline:
@@ -142,7 +178,7 @@ class OneStepPipeline:
             family=family,
             backbone=as_dict(backbone_config),
             head=generator.head.cfg,
-            head_time=generator.head_time,
+            **generator.options(),
             decoder=decoder_name,
             decoder_config=as_dict(decoder_config),
             num_classes=generator.backbone.num_classes,
@@ -179,8 +215,14 @@ class OneStepPipeline:
             raise CheckpointError(
                 f"pipeline: {cfg_path} has schema_version {config.schema_version}, this dd2-core reads {SCHEMA_VERSION}"
             )
+        _check_folder(folder, config)  # every size in config.json against the weights, before allocating
         backbone = build_backbone(config.family, config.backbone)
-        generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+        generator = OneStepGenerator(
+            ARDiffusion(backbone, VelocityHead(config.head)),
+            config.head_time,
+            noise_scale=config.noise_scale,
+            class_cond=config.class_cond,
+        )
         weights = folder / "generator.safetensors"
         expected = f"a {config.family} one-step generator"
         load_strict(generator, read_state_dict(weights), expected=expected, source=str(weights))

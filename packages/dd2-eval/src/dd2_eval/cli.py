@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
-from dd2_core.errors import DD2Error, DD2ValueError
+from dd2_core.clitools import add_debug_flag, class_ids, device_name, run_main
+from dd2_core.errors import DD2ValueError
 from dd2_eval.errors import EvalError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def _device(name: str) -> str:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="torch device; auto = cuda when available, else cpu"
+    )
 
 
 def _add_inception(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pipeline", type=Path, required=True, help="pipeline folder (written by export)")
     s.add_argument("--out", type=Path, default=None, help="output .npz (default: <pipeline name>-samples.npz)")
     s.add_argument("--per-class", type=int, default=50, help="images per class")
-    s.add_argument("--classes", type=str, default=None, help="comma-separated class ids (default: all)")
+    s.add_argument("--classes", type=class_ids, default=None, help="comma-separated class ids (default: all)")
     s.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
     s.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
     s.add_argument("--seed", type=int, default=0)
@@ -125,13 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        return {"metrics": _metrics, "reference": _reference, "sample": _sample, "toy": _toy, "bench": _bench}[
-            args.command
-        ](args)
-    except (DD2Error, FileNotFoundError, ValidationError) as e:  # bad files, folders or options: no traceback
-        logger.error("%s", e)
-        return 2
+    command = {"metrics": _metrics, "reference": _reference, "sample": _sample, "toy": _toy, "bench": _bench}
+    return run_main("dd2-eval", lambda: command[args.command](args), debug=args.debug, report=logger.error)
 
 
 def _eval_config(args: argparse.Namespace, **extra: object):  # -> EvalConfig
@@ -173,10 +171,9 @@ def _reference(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from dd2_eval.sample import SampleConfig, load_pipeline, pipeline_id, sample_to_npz
 
-    classes = None if args.classes is None else tuple(int(c) for c in args.classes.split(",") if c.strip())
     cfg = SampleConfig(
         per_class=args.per_class,
-        classes=classes,
+        classes=args.classes,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         seed=args.seed,

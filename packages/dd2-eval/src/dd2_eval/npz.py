@@ -237,9 +237,20 @@ class NpzImageWriter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except OSError as e:
+                self.abort()
+                raise _named(e, self.path) from e
         else:
             self.abort()
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise _named(exc, self.path) from exc
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """The OSError with the file it was writing named (a full disk's ENOSPC from write() names none)."""
+    return error if error.filename is not None else OSError(error.errno, error.strerror, str(path))
 
 
 @dataclass(frozen=True)
@@ -290,9 +301,11 @@ def write_reference(
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _named(e, path) from e
         raise
 
 

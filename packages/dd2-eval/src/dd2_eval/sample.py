@@ -191,7 +191,15 @@ def _check_manifest(parts: Path, cfg: SampleConfig, num: int, num_classes: int, 
     manifest |= cfg.model_dump(exclude={"rank", "world_size"}, mode="json")
     path = parts / "manifest.json"
     if path.is_file():
-        found = json.loads(path.read_text())
+        try:
+            found = json.loads(path.read_text())
+            if not isinstance(found, dict):
+                raise ValueError(f"expected a JSON object, found {type(found).__name__}")
+        except ValueError as e:
+            raise EvalError(
+                f"{path}: unreadable ({e}); it records which run the chunks in {parts} belong to, so they cannot be "
+                "reused: delete that folder or choose another --out"
+            ) from None
         diff = {k: (found.get(k), v) for k, v in manifest.items() if found.get(k) != v}
         if diff:
             raise EvalError(
@@ -230,9 +238,13 @@ def load_pipeline(path: str | os.PathLike, *, device: str | None = None, dtype: 
 
 
 def pipeline_id(path: str | os.PathLike) -> str:
-    """Identity of a pipeline folder for the resume check: SHA256 of config.json plus the weight files' sizes."""
+    """Identity of a pipeline folder for the resume check: SHA256 of config.json and of every weight file's bytes
+    (same-size weights of another generator give another id)."""
     path = Path(path)
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(f"{f.name}:{f.stat().st_size}:".encode())
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()[:16]

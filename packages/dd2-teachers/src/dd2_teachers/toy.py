@@ -21,13 +21,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from dd2_core.backbone import BackboneConfig, TransformerBackbone
-from dd2_core.checkpoint import atomic_write_bytes, load_strict, read_state_dict, save_safetensors
+from dd2_core.checkpoint import (
+    atomic_write_bytes,
+    check_shapes,
+    load_strict,
+    read_state_dict,
+    safetensors_shapes,
+    save_safetensors,
+)
 from dd2_core.diffusion import ARDiffusion
-from dd2_core.errors import DD2ValueError, expect_labels
+from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels
 from dd2_core.heads import HeadConfig, VelocityHead
 from dd2_core.logits import SamplingPolicy, policy_log_probs
 
@@ -146,9 +153,19 @@ class ToyTeacher(nn.Module):
             raise FileNotFoundError(
                 f"toy teacher: expected {cfg_path} (written by ToyTeacher.save), found no such file"
             )
-        cfg = ToyTeacherConfig.model_validate(json.loads(cfg_path.read_text()))
+        try:
+            cfg = ToyTeacherConfig.model_validate(json.loads(cfg_path.read_text()))
+        except (ValueError, ValidationError) as e:  # truncated JSON, wrong types or values
+            first = str(e).strip().splitlines()
+            raise CheckpointError(
+                f"toy teacher: {cfg_path} is not a valid ToyTeacherConfig: {' '.join(first[:3])}"
+            ) from e
+        weights = folder / "model.safetensors"
+        expected = f"ToyTeacher {cfg.model_dump()} ({cfg_path})"
+        with torch.device("meta"):  # sizes of config.json against the weights' header before allocating
+            check_shapes(cls(cfg), safetensors_shapes(weights), expected=expected, source=str(weights))
         teacher = cls(cfg)
-        load_strict(teacher, read_state_dict(folder / "model.safetensors"), expected=f"ToyTeacher {cfg.model_dump()}")
+        load_strict(teacher, read_state_dict(weights), expected=expected, source=str(weights))
         return teacher.to(device).eval().requires_grad_(False)
 
 

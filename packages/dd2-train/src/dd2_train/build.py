@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from dd2_core.checkpoint import CheckpointError, load_strict, read_state_dict, save_safetensors
 from dd2_core.diffusion import ARDiffusion
 from dd2_core.errors import DD2Error
+from dd2_core.generator import OneStepGenerator, codebook_noise_scale
 from dd2_core.heads import HeadConfig, VelocityHead
 from dd2_teachers.registry import load_teacher
-from dd2_train.config import ConfigError, HeadSpec, TeacherSpec
+from dd2_train.config import ConfigError, HeadSpec, OneStepSpec, TeacherSpec
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,17 @@ def restore_frozen_tokenizer(model: ARDiffusion, teacher: nn.Module, spec: Teach
     if spec.family == "var":
         model.backbone.phi.load_state_dict(teacher.vqvae.phi.state_dict(), strict=True)
     return model
+
+
+def onestep_options(spec: OneStepSpec, codebook: Tensor) -> dict[str, Any]:
+    """OneStepGenerator's keyword options from the config's onestep section (noise_scale 'codebook' resolved)."""
+    scale = codebook_noise_scale(codebook) if spec.noise_scale == "codebook" else float(spec.noise_scale)
+    return {"head_time": spec.head_time, "noise_scale": scale, "class_cond": spec.class_cond}
+
+
+def build_generator(teacher: nn.Module, spec: TeacherSpec, head: HeadSpec, onestep: OneStepSpec) -> OneStepGenerator:
+    """A one-step generator around a fresh model A (the caller loads A's or the generator's weights)."""
+    return OneStepGenerator(build_ar_diffusion(teacher, spec, head), **onestep_options(onestep, teacher.codebook))
 
 
 class ToyContinuousAR(nn.Module):

@@ -5,7 +5,8 @@ Layout of `<run_dir>/<stage name>/`:
     log.txt, log.jsonl, events/      logs (dd2_train.logs)
     checkpoints/
         step_000120/                 a complete checkpoint: its manifest.json is written last, before the rename
-            manifest.json            {"step", "stage", "world_size", "modules": {name: {"kind": "engine"|"file"}}}
+            manifest.json            {"step", "stage", "world_size", "modules": {name: {"kind": "engine"|"file"}},
+                                      "files": {relative path: {"size", "sha256"}} (every other file of the folder)}
             <engine name>/           DeepSpeed engine checkpoint (tag = engine name), one file per rank
             <module>.safetensors     replicated weights (EMA, frozen generator), written by rank 0
             rank_00000.pt            per-rank RNG states and data-stream position
@@ -15,11 +16,15 @@ Layout of `<run_dir>/<stage name>/`:
 
 A checkpoint is written into `.tmp-step_N/` by all ranks, rank 0 fsyncs it, writes `manifest.json`, renames the
 folder to `step_N/` and then replaces `latest`. A kill at any point leaves either the old or the new checkpoint
-complete; `latest_checkpoint` only returns folders with a readable manifest, so a half-written one is never loaded.
+complete; `latest_checkpoint` only returns folders whose manifest reads and whose every listed file is there with
+its recorded size and checksum, so a half-written or damaged one is never loaded (the next older intact one is, and
+the log names the ones skipped). Pruned folders are renamed to `.old-step_N/` before they are deleted, and
+`remove_partial` clears what a kill leaves behind (`.tmp-*`, `.old-*`, `.latest.*`, manifest-less step folders).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,13 +39,29 @@ import numpy as np
 import torch
 
 from dd2_core.checkpoint import atomic_write_bytes, read_state_dict
-from dd2_core.errors import CheckpointError
+from dd2_core.errors import CheckpointError, DD2Error
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"  # a pruned or replaced step folder being deleted
+
+
+class CheckpointWriteError(DD2Error, RuntimeError):
+    """Writing a checkpoint failed (a full or read-only disk); the message names the folder. Exit code 1."""
+
+    exit_code = 1
+
+
+def writing(what: Path, error: BaseException) -> CheckpointWriteError:
+    """The error to raise when writing `what` failed with `error` (torch and DeepSpeed name no file on ENOSPC)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return CheckpointWriteError(
+        f"{what}: writing the checkpoint failed ({type(error).__name__}: {first}); is the disk full or read-only? "
+        "The previous checkpoint is intact; free space and rerun the same command to resume"
+    )
 
 
 def step_name(step: int) -> str:
@@ -79,6 +100,71 @@ def read_manifest(step_dir: Path) -> dict | None:
     return manifest
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `folder` except the manifest."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+_VERIFIED: dict[tuple[str, tuple], str | None] = {}  # (folder, stat signature) -> problem: hash a checkpoint once
+
+
+def _stat_signature(step_dir: Path, names: list[str]) -> tuple:
+    out = []
+    for rel in names:
+        try:
+            st = (step_dir / rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append((rel, None))
+    return tuple(out)
+
+
+def checkpoint_problem(step_dir: Path) -> str | None:
+    """Why `step_dir` is not an intact checkpoint (None if it is): no readable manifest, or a file the manifest
+    lists is missing or has another size or checksum. Manifests written before file records were kept are checked
+    for their modules' engine folders, files and rank-0 state."""
+    manifest = read_manifest(step_dir)
+    if manifest is None:
+        return f"no readable {MANIFEST}"
+    files = manifest.get("files")
+    key = (str(step_dir), _stat_signature(step_dir, [MANIFEST, *(files if isinstance(files, dict) else [])]))
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    problem = None
+    if isinstance(files, dict):
+        for rel, rec in files.items():
+            path = step_dir / rel
+            if not path.is_file():
+                problem = f"{rel} is missing"
+            elif path.stat().st_size != rec.get("size"):
+                problem = f"{rel} has {path.stat().st_size} bytes, the manifest records {rec.get('size')}"
+            elif _sha256(path) != rec.get("sha256"):
+                problem = f"{rel} does not match its recorded sha256 (damaged or replaced)"
+            if problem:
+                break
+    else:
+        for name, entry in manifest["modules"].items():
+            path = step_dir / (name if entry.get("kind") == "engine" else entry.get("file", f"{name}.safetensors"))
+            if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+                problem = f"{path.name} (module {name!r}) is missing"
+                break
+    _VERIFIED[key] = problem
+    return problem
+
+
 class RunFolder:
     """One stage's folder: `<run_dir>/<name>/`. Only rank 0 writes the shared files (the caller guards)."""
 
@@ -99,28 +185,59 @@ class RunFolder:
         return sorted(out)
 
     def latest_checkpoint(self) -> Path | None:
-        """The folder `latest` points to if it is complete, else the newest complete one, else None."""
+        """The newest intact checkpoint (`checkpoint_problem`): the one `latest` points to if it is intact, else
+        the newest intact one; each skipped folder is named in the log with why. None if there is none."""
         pointer = self.checkpoints / "latest"
+        skipped: list[str] = []
         if pointer.is_file():
             target = self.checkpoints / pointer.read_text().strip()
-            if _STEP_RE.match(target.name) and read_manifest(target) is not None:
-                return target
-            logger.warning("checkpoints/latest points to %s, which is not a complete checkpoint; scanning", target)
-        done = self.complete_checkpoints()
-        return done[-1][1] if done else None
+            if _STEP_RE.match(target.name) and target.is_dir():
+                problem = checkpoint_problem(target)
+                if problem is None:
+                    return target
+                skipped.append(target.name)
+                logger.warning("skipped checkpoint %s (checkpoints/latest points to it): %s", target, problem)
+            else:
+                logger.warning("checkpoints/latest points to %s, which is not a checkpoint; scanning", target)
+        for _, path in reversed(self.complete_checkpoints()):
+            if path.name in skipped:
+                continue
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped:
+                    logger.warning("using checkpoint %s instead of the damaged %s", path, ", ".join(skipped))
+                return path
+            skipped.append(path.name)
+            logger.warning("skipped checkpoint %s: %s", path, problem)
+        return None
 
     # -- writing (rank 0) ----------------------------------------------------------------------------------------
     def remove_partial(self) -> list[Path]:
-        """Delete `.tmp-*` folders left by a killed run. Returns what was removed."""
+        """Delete what a killed run leaves: `.tmp-*` (half-written) and `.old-*` (half-deleted) folders, `.latest.*`
+        temporary pointer files, and step folders without a manifest (a deletion cut short; a step folder only
+        gets its name after its manifest is written). Returns what was removed."""
         removed = []
         if self.checkpoints.is_dir():
-            for p in self.checkpoints.iterdir():
-                if p.name.startswith(_TMP_PREFIX):
+            for p in sorted(self.checkpoints.iterdir()):
+                if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) or (
+                    _STEP_RE.match(p.name) and p.is_dir() and not (p / MANIFEST).exists()
+                ):
                     shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                elif p.name.startswith(".latest.") and p.is_file():
+                    p.unlink(missing_ok=True)
                     removed.append(p)
         for p in removed:
             logger.warning("removed the half-written checkpoint %s", p)
         return removed
+
+    def _delete(self, step_dir: Path) -> None:
+        """Rename to `.old-step_N` (atomic: the folder stops being a checkpoint at once), then delete."""
+        old = self.checkpoints / f"{_OLD_PREFIX}{step_dir.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(step_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
 
     def begin(self, step: int) -> Path:
         """Create the empty temporary folder for the checkpoint of `step` and return it."""
@@ -138,9 +255,9 @@ class RunFolder:
         tmp = self.tmp_path(step)
         final = self.checkpoints / step_name(step)
         _fsync_tree(tmp)
-        write_json(tmp / MANIFEST, {**manifest, "step": step})
+        write_json(tmp / MANIFEST, {**manifest, "step": step, "files": file_records(tmp)})
         if final.exists():  # re-saving a step after resume from an older checkpoint: replace it
-            shutil.rmtree(final)
+            self._delete(final)
         os.replace(tmp, final)
         _fsync_dir(self.checkpoints)
         atomic_write_bytes(self.checkpoints / "latest", step_name(step).encode())
@@ -152,13 +269,15 @@ class RunFolder:
         if keep_last <= 0:
             return
         for _, p in self.complete_checkpoints()[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+            self._delete(p)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A stage folder, a `checkpoints/` folder or a step folder -> a complete step folder (CheckpointError if none)."""
     path = Path(path)
     if read_manifest(path) is not None:
+        if (problem := checkpoint_problem(path)) is not None:
+            raise CheckpointError(f"{path}: not an intact checkpoint: {problem}")
         return path
     for folder in (RunFolder(path), RunFolder(path.parent) if path.name == "checkpoints" else None):
         if folder is not None and (found := folder.latest_checkpoint()) is not None:
@@ -221,7 +340,11 @@ def restore_rng(state: Mapping[str, Any], rng: torch.Generator | None) -> None:
 
 def save_rank_state(step_dir: Path, rank: int, state: Mapping[str, Any]) -> None:
     """Per-rank state (RNG, data position): plain tensors, lists and numbers, readable with weights_only=True."""
-    torch.save(dict(state), step_dir / f"rank_{rank:05d}.pt")
+    path = step_dir / f"rank_{rank:05d}.pt"
+    try:
+        torch.save(dict(state), path)
+    except (OSError, RuntimeError) as e:
+        raise writing(path, e) from e
 
 
 def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any]:
@@ -230,4 +353,6 @@ def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(
             f"{step_dir}: no state for rank {rank} ({path.name}); was it saved with another world size?"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from dd2_train.safe_load import safe_torch_load
+
+    return safe_torch_load(path)

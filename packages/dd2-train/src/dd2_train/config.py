@@ -32,11 +32,12 @@ from dd2_core.models.llamagen import LlamaGenConfig
 from dd2_core.models.llamagen_vq import VQConfig
 from dd2_core.models.var import VARConfig
 from dd2_core.models.var_vqvae import VARVQVAEConfig
-from dd2_train.steps import CSDConfig, GTSConfig
+from dd2_train.steps import CSDConfig, GTSConfig, RegressConfig
 
 Family = Literal["toy", "llamagen", "var"]
-Stage = Literal["adapt", "gen-data", "gts", "csd", "align", "export"]
-STAGE_ORDER: tuple[str, ...] = ("adapt", "gen-data", "gts", "csd", "align", "export")
+Stage = Literal["adapt", "gen-data", "gts", "gen-pairs", "regress", "csd", "align", "export"]
+STAGE_ORDER: tuple[str, ...] = ("adapt", "gen-data", "gts", "gen-pairs", "regress", "csd", "align", "export")
+Recipe = Literal["recommended", "paper"]
 SIZES: dict[str, tuple[str, ...]] = {
     "toy": ("toy",),
     "llamagen": ("B", "L", "XL", "XXL", "3B", "custom"),
@@ -168,6 +169,20 @@ class DataSpec(_Strict):
     num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer (0/1 = off)")
     skip_corrupt: bool = Field(False, description="log, count and skip corrupt shards/samples instead of failing")
+    allow_pipe: bool = Field(
+        False, description="allow `pipe:` shard URLs, which run a shell command (a config is code: only trusted ones)"
+    )
+
+    @model_validator(mode="after")
+    def _pipe_needs_consent(self) -> DataSpec:
+        items = [self.shards] if isinstance(self.shards, str) else list(self.shards or [])
+        pipes = [s for s in items if s.startswith("pipe:")]
+        if pipes and not self.allow_pipe:
+            raise ValueError(
+                f"shards: {pipes[0]!r} runs a shell command; set allow_pipe: true in this data section if you trust "
+                "the config (a config with pipe: URLs is code)"
+            )
+        return self
 
 
 class _Batched(_Strict):
@@ -194,6 +209,36 @@ class GenDataStage(_Strict):
     out_dir: Path | None = Field(None, description="shard folder; default <run_dir>/gen-data/shards")
 
 
+class GenPairsStage(_Strict):
+    """DD1's dataset (offline regression): (noise, flow-map token ids) pairs written as WebDataset shards by every
+    rank, resumable like gen-data. The ids are the teacher's deterministic flow map F(eps) snapped to its codes."""
+
+    num_samples: int = Field(..., ge=1, description="pairs to write")
+    shard_size: int = Field(..., ge=1, description="pairs per shard")
+    batch_size: int = Field(..., ge=1, description="pairs per flow-map call (N teacher passes), per rank")
+    flow_steps: int = Field(32, ge=1, le=4096, description="Euler steps per token of the flow map")
+    flow_power: float = Field(2.0, gt=0.0, description="time grid (1 - k/steps)^power")
+    out_dir: Path | None = Field(None, description="shard folder; default <run_dir>/gen-pairs/shards")
+
+
+class OneStepSpec(_Strict):
+    """Options of the one-step generator (dd2_core.generator; none in the paper). Used by regress, csd, align and
+    export, and recorded in the exported pipeline's config.json."""
+
+    head_time: float = Field(1.0, gt=0.0, le=1.0, description="t fed to the generator's head (paper: unstated, 1.0)")
+    noise_scale: float | Literal["codebook"] = Field(
+        1.0, description="the backbone reads noise_scale * eps; 'codebook': mean code norm / sqrt(C)"
+    )
+    class_cond: bool = Field(False, description="a zero-initialised class embedding in the head's condition")
+
+    @field_validator("noise_scale")
+    @classmethod
+    def _positive(cls, v):
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError(f"expected > 0 or 'codebook', got {v}")
+        return v
+
+
 class GTSStage(_Batched, GTSConfig):
     """Stage 1: AR-diffusion tuning with the GTS loss (Tab. 10). GTSConfig's fields are the loss settings."""
 
@@ -206,6 +251,16 @@ class GTSStage(_Batched, GTSConfig):
         if self.head_only_steps > self.steps:
             raise ValueError(f"head_only_steps ({self.head_only_steps}) must be <= steps ({self.steps})")
         return self
+
+
+class RegressStage(_Batched, RegressConfig):
+    """Flow-map regression of the one-step generator (not in DD2): 'onpolicy' (one teacher pass per batch on the
+    generator's own prefix) or 'offline' (DD1, on gen-pairs shards). RegressConfig's fields are the loss's."""
+
+    optim: OptimSpec
+    ema_max_decay: float = Field(0.9999, gt=0, lt=1, description="progressive EMA cap (as csd)")
+    data: DataSpec = Field(default_factory=DataSpec, description="offline: pair shards; default gen-pairs' output")
+    init_from: Path | None = Field(None, description="gts stage folder (model A); default <run_dir>/gts")
 
 
 class CSDStage(_Batched, CSDConfig):
@@ -223,6 +278,11 @@ class CSDStage(_Batched, CSDConfig):
     )
     init_from: Path | None = Field(
         None, description="gts, align or csd stage folder to start from; default <run_dir>/gts"
+    )
+    warm_start: Literal["none", "regress"] | Path = Field(
+        "none",
+        description="not in the paper ('none'): a regress stage folder ('regress' = <run_dir>/regress) whose EMA "
+        "generator starts CSD; the guidance still starts from init_from's model A",
     )
 
 
@@ -255,16 +315,24 @@ class TrainConfig(_Strict):
 
     run_dir: Path = Field(..., description="root folder; each stage writes <run_dir>/<name or stage>/")
     stage: Stage | list[Stage] = Field(..., description="stage, or stages run in order in one launch")
+    recipe: Recipe = Field(
+        "recommended",
+        description="defaults filled before the config file: 'paper' (DD2's CSD from model A, Tab. 11) or "
+        "'recommended' (the project's: flow-map regression warm start, then anchored CSD; README)",
+    )
     name: str | None = Field(None, description="stage folder name (default: the stage), e.g. csd-aligned")
     seed: int = Field(0, ge=0, description="global seed; with the same world size a run is reproducible")
     teacher: TeacherSpec
     head: HeadSpec = Field(default_factory=HeadSpec)
+    onestep: OneStepSpec = Field(default_factory=OneStepSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     log: LogSpec = Field(default_factory=LogSpec)
     adapt: AdaptStage
     gen_data: GenDataStage
     gts: GTSStage
+    gen_pairs: GenPairsStage
+    regress: RegressStage
     csd: CSDStage
     align: AlignStage
     export: ExportStage = Field(default_factory=ExportStage)
@@ -280,7 +348,11 @@ class TrainConfig(_Strict):
         family, size = teacher.get("family"), teacher.get("size")
         if family not in SIZES or size not in SIZES[family]:
             return raw  # the field validators report it
-        return deep_merge(paper_defaults(family, size), raw)
+        defaults = paper_defaults(family, size)
+        recipe = raw.get("recipe", "recommended")
+        if recipe in RECIPES:  # else the field validator reports it
+            defaults = deep_merge(defaults, RECIPES[recipe](defaults))
+        return deep_merge(defaults, raw)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
@@ -298,6 +370,15 @@ class TrainConfig(_Strict):
         if "adapt" in stages and self.teacher.family == "var":
             raise ValueError("stage: 'adapt' is LlamaGen's continuous-input adaptation; VAR needs none")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str | None) -> str | None:
+        if name is not None and (
+            not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
+        ):
+            raise ValueError(f"expected one folder name inside run_dir (no '/', not '.' or '..'), got {name!r}")
+        return name
 
     @property
     def stages(self) -> list[str]:
@@ -326,6 +407,19 @@ def _csd(steps, batch, accum, k, lr_gui, lr_gen, warmup_gui) -> dict:
     }
 
 
+def _pairs_and_regress(csd: dict) -> dict:
+    """gen-pairs and regress sized from the csd stage: regress uses csd's batch, generator lr and accumulation."""
+    return {
+        "gen_pairs": {"num_samples": 1_281_167, "shard_size": 5000, "batch_size": 256},  # [inferred] as gen-data
+        "regress": {
+            "steps": csd["steps"],
+            "batch_size": csd["batch_size"],
+            "grad_accum": csd["grad_accum"],
+            "optim": {"lr": csd["generator"]["lr"], "warmup_steps": 1000},
+        },
+    }
+
+
 def paper_defaults(family: str, size: str) -> dict:
     """Stage hyper-parameters of the paper (method.md 7.1, 7.2; Tab. 10, 11) for a teacher, as a raw config dict.
 
@@ -339,6 +433,8 @@ def paper_defaults(family: str, size: str) -> dict:
             "gts": {"steps": 500, "batch_size": 128, "optim": {"lr": 1e-3}},
             "csd": _csd(300, 128, 1, 5, 1e-3, 3e-4, 0),
             "align": {"steps": 50, "batch_size": 128, "guidance": {"lr": 1e-3}},
+            "gen_pairs": {"num_samples": 8192, "shard_size": 1024, "batch_size": 1024},
+            "regress": {"steps": 300, "batch_size": 128, "optim": {"lr": 1e-3}},
         }
     policy = (
         {"cfg_scale": 2.0, "cfg_schedule": "constant", "top_k": 8000, "top_p": 1.0, "top_p_rule": "hf"}
@@ -355,6 +451,7 @@ def paper_defaults(family: str, size: str) -> dict:
             "gts": {"steps": 100_000, "batch_size": 512, "grad_accum": 4, "optim": {"lr": 1e-4}},
             "csd": _csd(12_000, 1024, 8, 5, 2e-4, 1e-4, 40_000),
             "align": {"steps": 8000, "batch_size": 1024, "grad_accum": 8, "guidance": {"lr": 2e-4}},
+            **_pairs_and_regress(_csd(12_000, 1024, 8, 5, 2e-4, 1e-4, 40_000)),
         }
     var = {
         "d16": (
@@ -388,7 +485,40 @@ def paper_defaults(family: str, size: str) -> dict:
             "grad_accum": csd["grad_accum"],
             "guidance": {"lr": csd["guidance"]["lr"]},
         },
+        **_pairs_and_regress(csd),
     }
+
+
+def _paper_recipe(defaults: dict) -> dict:
+    """DD2 as published: CSD from model A with Tab. 11's settings (paper_defaults as they are)."""
+    return {"csd": {"warm_start": "none"}}
+
+
+def _recommended_recipe(defaults: dict) -> dict:
+    """The project's recipe (none of it in the paper; measured on the enumerable toy and the Fashion-MNIST demo,
+    README "Recipes"): on-policy flow-map regression from model A (stage `regress`), then CSD from its EMA generator
+    with a regression anchor whose lambda decays linearly, K = 2, t ~ U[0.1, 0.9], omega = 1, snapped prefixes and a
+    guidance pre-fit, at half the paper's generator learning rate (a fine-tuning rate)."""
+    csd = defaults["csd"]
+    return {
+        "regress": {"mode": "onpolicy", "snap_prefix": True},
+        "csd": {
+            "warm_start": "regress",
+            "guidance_updates": 2,
+            "t_min": 0.1,
+            "t_max": 0.9,
+            "weighting": "none",
+            "snap_prefix": True,
+            "guidance_prefit": 200,
+            "anchor_weight": 1.0,
+            "anchor_final": 0.1,
+            "anchor_steps": csd["steps"],
+            "generator": {"lr": csd["generator"]["lr"] / 2},
+        },
+    }
+
+
+RECIPES = {"paper": _paper_recipe, "recommended": _recommended_recipe}
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
@@ -483,7 +613,16 @@ def default_input(cfg: TrainConfig, stage: str) -> Path | None:
     """Where a stage reads its starting weights/data when its config leaves it unset."""
     return {
         "gts": cfg.gen_data.out_dir or cfg.run_dir / "gen-data" / "shards",
+        "regress": cfg.regress.init_from or cfg.run_dir / "gts",
+        "regress-data": cfg.gen_pairs.out_dir or cfg.run_dir / "gen-pairs" / "shards",
         "csd": cfg.csd.init_from or cfg.run_dir / "gts",
+        "csd-warm": (
+            None
+            if cfg.csd.warm_start == "none"
+            else cfg.run_dir / "regress"
+            if cfg.csd.warm_start == "regress"
+            else Path(cfg.csd.warm_start)
+        ),
         "align": cfg.align.init_from or cfg.run_dir / "csd",
         "export": cfg.export.init_from or cfg.run_dir / "csd",
     }.get(stage)
@@ -517,9 +656,27 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                     f"{stage.replace('-', '_')}.batch_size: {sec.batch_size} is not divisible by grad_accum x world "
                     f"= {sec.grad_accum} x {world_size}; every rank needs an equal micro-batch"
                 )
+    for i, stage in enumerate(stages):  # explicit local shard paths must exist before any engine is built ...
+        data = getattr(getattr(cfg, stage.replace("-", "_"), None), "data", None)
+        written_now = any(s.startswith("gen-") for s in stages[:i])  # ... unless a stage of this launch writes them
+        if isinstance(data, DataSpec) and data.shards is not None and not written_now:
+            problems += _missing_shards(f"{stage.replace('-', '_')}.data.shards", data.shards)
     if "adapt" in stages and cfg.adapt.data.shards is None:
         problems.append("adapt.data.shards: required (image-code shards from `python -m dd2_train.data tokenize`)")
-    producers = {"gts": "gen-data", "csd": "gts", "align": "csd", "export": "csd"}
+    if "regress" in stages and cfg.regress.mode == "offline" and "gen-pairs" not in stages:
+        pairs = default_input(cfg, "regress-data")
+        if cfg.regress.data.shards is None and not pairs.is_dir():
+            problems.append(
+                f"regress.data.shards: unset and the default {str(pairs)!r} does not exist; run gen-pairs first "
+                "or set the shard URLs (regress.mode=offline reads flow-map pairs)"
+            )
+    warm = default_input(cfg, "csd-warm")
+    if "csd" in stages and warm is not None and "regress" not in stages and not warm.exists():
+        problems.append(
+            f"csd.warm_start: {str(warm)!r} does not exist; run the regress stage first (recipe 'recommended'), "
+            "or set csd.warm_start=none / recipe=paper to start CSD from model A"
+        )
+    producers = {"gts": "gen-data", "regress": "gts", "csd": "gts", "align": "csd", "export": "csd"}
     for stage, producer in producers.items():
         if stage not in stages or producer in stages:
             continue
@@ -537,3 +694,24 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             )
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _missing_shards(key: str, shards: str | list[str]) -> list[str]:
+    """Problems with the local paths of a shard spec (remote pipe:/http(s) URLs are checked when read)."""
+    import braceexpand
+
+    out = []
+    for item in [shards] if isinstance(shards, str) else shards:
+        if item.startswith(("pipe:", "http://", "https://")):
+            continue
+        if os.path.isdir(item):
+            if not any(name.endswith(".tar") for name in os.listdir(item)):
+                out.append(f"{key}: folder {item!r} holds no *.tar shard")
+            continue
+        missing = [u for u in braceexpand.braceexpand(item) if not os.path.isfile(u)]
+        if missing:
+            out.append(
+                f"{key}: no such shard file {missing[0]!r}"
+                + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+    return out

@@ -6,6 +6,7 @@ Shard format (one tar per shard, WebDataset layout):
                              `wds.WebDataset` pipelines see only the samples.
     <key>.ids.npy            (N,) int16 (V <= 32767) or int32 token ids
     <key>.cls                class label, ASCII integer
+    <key>.noise.npy          (N, C) float32 noise, only in flow-map pair shards (gen-pairs: ids = F(noise) snapped)
 
 Writing is resumable: a shard is written to `<name>.tar.partial` and renamed to `<name>.tar` when complete, so a
 finished shard (the `.tar` exists) is skipped and a partial one is rewritten from scratch. Shard j belongs to rank
@@ -88,12 +89,17 @@ def _ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int16) if vocab_size <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
-def write_shard(path: Path, ids: Tensor, labels: Tensor, meta: Mapping[str, Any]) -> None:
-    """Write one complete shard atomically (`.partial` then rename).  Shapes: ids (M, N), labels (M,)."""
+def write_shard(path: Path, ids: Tensor, labels: Tensor, meta: Mapping[str, Any], noise: Tensor | None = None) -> None:
+    """Write one complete shard atomically (`.partial` then rename).
+    Shapes: ids (M, N), labels (M,), noise (M, N, C) (flow-map pairs only)."""
     if ids.dim() != 2 or labels.shape != (ids.shape[0],):
         raise DataError(
             f"write_shard: expected ids (M, N) and labels (M,), got {tuple(ids.shape)}, {tuple(labels.shape)}"
         )
+    if noise is not None and (noise.dim() != 3 or noise.shape[:2] != ids.shape):
+        raise DataError(f"write_shard: expected noise (M, N, C) = ({ids.shape[0]}, {ids.shape[1]}, C), got "
+                        f"{tuple(noise.shape)}")  # fmt: skip
+    noise_np = noise.detach().float().cpu().numpy() if noise is not None else None
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     dtype = _ids_dtype(int(meta["vocab_size"]))
@@ -106,7 +112,10 @@ def write_shard(path: Path, ids: Tensor, labels: Tensor, meta: Mapping[str, Any]
             info.size, info.mtime, info.mode = len(meta_bytes), int(time.time()), 0o444
             writer.tarstream.addfile(info, io.BytesIO(meta_bytes))
             for k in range(ids_np.shape[0]):
-                writer.write({"__key__": f"{k:08d}", "ids.npy": ids_np[k], "cls": int(labels_np[k])})
+                sample = {"__key__": f"{k:08d}", "ids.npy": ids_np[k], "cls": int(labels_np[k])}
+                if noise_np is not None:
+                    sample["noise.npy"] = noise_np[k]
+                writer.write(sample)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -135,7 +144,7 @@ def shard_plan(num_samples: int, shard_size: int) -> list[int]:
 
 
 def write_teacher_samples(
-    sample_fn: Callable[[Tensor, torch.Generator], Tensor],
+    sample_fn: Callable[[Tensor, torch.Generator], Tensor | tuple[Tensor, Tensor]],
     out_dir: Path,
     *,
     num_samples: int,
@@ -147,11 +156,13 @@ def write_teacher_samples(
     rank: int,
     world_size: int,
     device: torch.device,
+    stage: str = "gen-data",
 ) -> dict[str, int]:
     """Write this rank's shards of teacher samples; finished shards are skipped, partial ones rewritten.
 
-    `sample_fn(labels (b,), generator) -> ids (b, N)` samples the teacher. Shard j (rank j % world) draws its labels
-    uniformly and its samples from a generator seeded by (seed, j). `meta` (sampling settings, teacher, sizes) goes
+    `sample_fn(labels (b,), generator) -> ids (b, N)` samples the teacher, or `-> (ids (b, N), noise (b, N, C))` for
+    flow-map pairs (`stage` "gen-pairs"). Shard j (rank j % world) draws its labels uniformly and its samples from a
+    generator seeded by (seed, stage, j). `meta` (sampling settings, teacher, sizes) goes
     into every shard and must equal that of shards already present. Returns counts of written and skipped shards.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,21 +179,26 @@ def write_teacher_samples(
             if {k: found.get(k) for k in expected} != expected:
                 diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
                 raise DataError(
-                    f"gen-data: {path} was written with other settings (found, expected): {diff}; "
-                    "write to a new gen_data.out_dir or delete the old shards"
+                    f"{stage}: {path} was written with other settings (found, expected): {diff}; "
+                    f"write to a new {stage.replace('-', '_')}.out_dir or delete the old shards"
                 )
             skipped += 1
             continue
-        g = torch.Generator(device=device).manual_seed(derive_seed(seed, "gen-data", j))
+        g = torch.Generator(device=device).manual_seed(derive_seed(seed, stage, j))
         labels = torch.randint(num_classes, (plan[j],), generator=g, device=device)
-        ids = torch.cat([sample_fn(labels[i : i + batch_size], g) for i in range(0, plan[j], batch_size)])
-        write_shard(path, ids, labels, {**meta, "shard": j})
+        parts = [sample_fn(labels[i : i + batch_size], g) for i in range(0, plan[j], batch_size)]
+        if isinstance(parts[0], tuple):
+            ids, noise = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            ids, noise = torch.cat(parts), None
+        write_shard(path, ids, labels, {**meta, "shard": j}, noise)
         written += 1
         done_samples += plan[j]
         rate = done_samples / (time.perf_counter() - start)
         left = sum(plan[i] for i in mine if i > j)
         logger.info(
-            "gen-data: wrote %s (%d/%d shards of this rank) | %.1f samples/s | eta %ds",
+            "%s: wrote %s (%d/%d shards of this rank) | %.1f samples/s | eta %ds",
+            stage,
             path.name,
             mine.index(j) + 1,
             len(mine),
@@ -208,6 +224,7 @@ class _ReadSpec:
     shard_shuffle: bool
     skip_corrupt: bool
     seed: int
+    token_dim: int | None = None  # set: flow-map pair shards, each sample also holds noise (N, C)
 
 
 class _ShardDataset(IterableDataset):
@@ -254,13 +271,20 @@ class _ShardDataset(IterableDataset):
         finally:
             stream.close()
 
-    def _decode(self, url: str, sample: dict) -> tuple[str, np.ndarray, int] | None:
+    def _decode(self, url: str, sample: dict) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
         s = self.s
         key = f"{url}:{sample.get('__key__')}"
         try:
             fields = {k for k in sample if not k.startswith("__")}
-            if fields != {"ids.npy", "cls"}:
-                raise DataError(f"sample {key}: expected members ids.npy and cls, found {sorted(fields)}")
+            expected = {"ids.npy", "cls"} | ({"noise.npy"} if s.token_dim else set())
+            if fields != expected:
+                raise DataError(f"sample {key}: expected members {sorted(expected)}, found {sorted(fields)}")
+            noise = None
+            if s.token_dim:
+                noise = np.load(io.BytesIO(sample["noise.npy"]), allow_pickle=False)
+                if noise.shape != (s.num_tokens, s.token_dim) or noise.dtype != np.float32:
+                    raise DataError(f"sample {key}: expected noise float32 ({s.num_tokens}, {s.token_dim}), got "
+                                    f"{noise.dtype} {noise.shape}")  # fmt: skip
             ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
             label = int(sample["cls"])
             if ids.shape != (s.num_tokens,) or ids.dtype.kind not in "iu":
@@ -274,9 +298,9 @@ class _ShardDataset(IterableDataset):
                 url, e if isinstance(e, DataError) else DataError(f"sample {key}: cannot be decoded ({e})")
             )
             return None
-        return key, ids.astype(np.int64), label
+        return key, ids.astype(np.int64), label, noise
 
-    def _samples(self, urls: list[str]) -> Iterator[tuple[str, np.ndarray, int]]:
+    def _samples(self, urls: list[str]) -> Iterator[tuple[str, np.ndarray, int, np.ndarray | None]]:
         for url in urls:
             for sample in self._shard_samples(url):
                 decoded = self._decode(url, sample)
@@ -291,15 +315,18 @@ class _ShardDataset(IterableDataset):
         if s.shuffle_buffer > 1:
             seed = derive_seed(s.seed, "samples", self.epoch, s.rank, worker)
             samples = wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, seed=seed)(samples)
-        batch: list[tuple[str, np.ndarray, int]] = []
+        batch: list[tuple[str, np.ndarray, int, np.ndarray | None]] = []
         for item in samples:
             batch.append(item)
             if len(batch) == s.batch_size:  # partial=False: the remainder of each worker is dropped
-                yield {
+                out = {
                     "ids": torch.from_numpy(np.stack([b[1] for b in batch])),  # (B, N)
                     "labels": torch.tensor([b[2] for b in batch], dtype=torch.long),  # (B,)
                     "keys": [b[0] for b in batch],
                 }
+                if s.token_dim:
+                    out["noise"] = torch.from_numpy(np.stack([b[3] for b in batch]))  # (B, N, C)
+                yield out
                 batch = []
         yield {"end_of_worker": worker, "skipped": self.skipped}
 
@@ -320,7 +347,8 @@ def _epoch_batches(spec: _ReadSpec, epoch: int, num_workers: int) -> Iterator[di
 
 
 class TokenStream:
-    """Endless per-rank stream of {"ids" (B, N) int64, "labels" (B,) int64, "keys"} batches from token shards.
+    """Endless per-rank stream of {"ids" (B, N) int64, "labels" (B,) int64, "keys"} batches from token shards
+    (with `token_dim`: flow-map pair shards, and "noise" (B, N, C) float32 too).
 
     Shapes: each batch ids (batch_size, num_tokens), labels (batch_size,).
     """
@@ -340,6 +368,7 @@ class TokenStream:
         shard_shuffle: bool = True,
         skip_corrupt: bool = False,
         seed: int = 0,
+        token_dim: int | None = None,
     ):
         self._it: Iterator[dict] | None = None
         self.urls = expand_shards(shards)
@@ -367,6 +396,7 @@ class TokenStream:
             shard_shuffle=shard_shuffle,
             skip_corrupt=skip_corrupt,
             seed=seed,
+            token_dim=token_dim,
         )
         self.rank, self.batch_size, self.num_workers, self.seed = rank, batch_size, num_workers, seed
         self.epoch, self.batches = 0, 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import os
 import socket
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dd2_core.errors import CheckpointError
 from dd2_core.heads import VelocityHead
 
 logger = logging.getLogger(__name__)
@@ -311,25 +311,38 @@ def compile_regions(module: nn.Module, *, backend: str = "inductor") -> int:
 
 def save_engine(engine, folder: Path, tag: str) -> None:
     """Collective: every rank writes its part of the engine (model, optimizer, LR schedule) to folder/tag/."""
-    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # ENOSPC surfaces as torch's "PytorchStreamWriter failed writing file"
+        from dd2_train.checkpoint import writing
+
+        raise writing(folder / tag, e) from e
 
 
 def load_engine(engine, folder: Path, tag: str) -> None:
-    """Collective: restore model, optimizer and LR-schedule states written by `save_engine`."""
-    path, _ = engine.load_checkpoint(
-        str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
-    )
+    """Collective: restore model, optimizer and LR-schedule states written by `save_engine`.
+
+    Every file is read with weights_only=True (dd2_train.safe_load): a file that needs pickled code is refused,
+    naming it, before DeepSpeed uses it."""
+    from dd2_train.safe_load import check_pickles, safe_deepspeed_loads
+
+    if not (folder / tag).is_dir():
+        raise CheckpointError(f"{folder / tag}: missing; the checkpoint holds no engine {tag!r}")
+    check_pickles(folder / tag)
+    with safe_deepspeed_loads(engine):
+        path, _ = engine.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
+        )
     if path is None:
-        raise FileNotFoundError(f"{folder}/{tag}: no DeepSpeed checkpoint there")
+        raise CheckpointError(f"{folder}/{tag}: no DeepSpeed checkpoint there")
 
 
 def engine_fp32_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a saved engine (master weights of any ZeRO stage), on CPU, without an engine."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Full fp32 weights of a saved engine (master weights of any ZeRO stage), on CPU, without an engine; read by
+    dd2's own ZeRO reader with weights_only=True (dd2_train.safe_load)."""
+    from dd2_train.safe_load import zero_fp32_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress with print()
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    return {k: v.float().contiguous() for k, v in sd.items()}
+    return zero_fp32_state_dict(folder, tag)
 
 
 def engine_lr(engine) -> float:

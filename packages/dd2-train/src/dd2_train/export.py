@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dd2_core.generator import OneStepGenerator
 from dd2_core.pipeline import OneStepPipeline
-from dd2_train.build import build_ar_diffusion, restore_frozen_tokenizer, teacher_from_ref, teacher_ref
+from dd2_train.build import build_generator, restore_frozen_tokenizer, teacher_from_ref, teacher_ref
 from dd2_train.checkpoint import module_weights, read_manifest
 from dd2_train.config import ConfigError, TrainConfig
 
@@ -30,7 +29,8 @@ def _generator_weights(step_dir: Path, use_ema: bool) -> dict[str, torch.Tensor]
     name = "ema" if use_ema else "generator"
     if name not in modules:
         raise ConfigError(
-            f"export.init_from: {step_dir} holds {sorted(modules)}, no {name!r}; export reads a csd or align run"
+            f"export.init_from: {step_dir} holds {sorted(modules)}, no {name!r}; export reads a csd, align or "
+            "regress run"
         )
     return module_weights(step_dir, name)
 
@@ -42,7 +42,7 @@ def export_pipeline(cfg: TrainConfig, step_dir: Path, out: Path, *, device: torc
         if ref[key] is not None:
             ref[key] = str(Path(ref[key]).absolute())
     teacher = teacher_from_ref(ref, cfg.teacher, device=torch.device(device), dtype=torch.float32)
-    generator = OneStepGenerator(build_ar_diffusion(teacher, cfg.teacher, cfg.head))
+    generator = build_generator(teacher, cfg.teacher, cfg.head, cfg.onestep)
     generator.load_state_dict(_generator_weights(step_dir, cfg.export.use_ema))
     restore_frozen_tokenizer(generator.model, teacher, cfg.teacher)  # VAR: the decoder's phi convs, exactly
     backbone = generator.backbone

@@ -1,8 +1,10 @@
 """A minimal single-process driver of the step functions (plain torch, one device).
 
 The DeepSpeed driver (`dd2_train.trainer`) runs the same step functions at scale; this loop is for small teachers
-(the enumerable toy of the proof, tests, quick experiments). Every loop takes a step budget and an optional wall-time
-budget, so that methods can be compared at equal compute.
+(the enumerable toy of the proof, tests, quick experiments). Every loop takes a step budget and an optional time
+budget, so that methods can be compared at equal compute. The time is read from `clock` (default wall time;
+`time.process_time` counts this process's CPU seconds, which on one thread is the same compute whatever else the
+machine is doing).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from dd2_core.teacher import Teacher
 from dd2_train.steps import (
     CSDConfig,
     GTSConfig,
+    RegressConfig,
     TorchUpdater,
     csd_round,
     ema_update,
     gts_step,
     guidance_step,
+    onpolicy_regression_step,
     regression_step,
     start_residual_guidance,
 )
@@ -58,8 +62,11 @@ def _labels_fn(num_classes: int, batch: int, rng: torch.Generator | None, device
     return lambda: torch.randint(0, num_classes, (batch,), generator=rng).to(device)
 
 
-def _budget_left(t0: float, step: int, steps: int, seconds: float | None) -> bool:
-    return step < steps and (seconds is None or time.perf_counter() - t0 < seconds)
+Clock = Callable[[], float]
+
+
+def _budget_left(t0: float, step: int, steps: int, seconds: float | None, clock: Clock) -> bool:
+    return step < steps and (seconds is None or clock() - t0 < seconds)
 
 
 def train_gts(
@@ -118,18 +125,55 @@ def train_regression(
     lr: float,
     seconds: float | None = None,
     rng: torch.Generator | None = None,
+    clock: Clock = time.perf_counter,
+    ema: OneStepGenerator | None = None,
+    ema_max_decay: float = 0.9999,
 ) -> LoopResult:
-    """DD1-style training: regress the generator onto flow-map pairs (minibatches drawn with replacement)."""
+    """DD1-style training: regress the generator onto flow-map pairs (minibatches drawn with replacement);
+    `ema` (a copy of the generator) is updated after every step with the progressive rule."""
     noise, labels, tokens = pairs
     updater = TorchUpdater(adam(generator.parameters(), lr), clip=1.0)
-    t0, step, metrics = time.perf_counter(), 0, {}
+    t0, step, metrics = clock(), 0, {}
     generator.train()
-    while _budget_left(t0, step, steps, seconds):
+    while _budget_left(t0, step, steps, seconds, clock):
         idx = torch.randint(0, noise.shape[0], (batch,), generator=rng).to(noise.device)
         metrics = regression_step(generator, updater, noise[idx], tokens[idx], labels[idx])
+        if ema is not None:
+            ema_update(ema, generator, step, ema_max_decay)
         step += 1
     generator.eval()
-    return LoopResult(step, time.perf_counter() - t0, {k: v.item() for k, v in metrics.items()})
+    return LoopResult(step, clock() - t0, {k: v.item() for k, v in metrics.items()})
+
+
+def train_onpolicy_regression(
+    generator: OneStepGenerator,
+    teacher: Teacher,
+    cfg: RegressConfig,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seconds: float | None = None,
+    rng: torch.Generator | None = None,
+    device="cpu",
+    ema_max_decay: float = 0.9999,
+    clock: Clock = time.perf_counter,
+    reference: ARDiffusion | None = None,
+) -> tuple[OneStepGenerator, LoopResult]:
+    """Stage `regress` (onpolicy): regress the generator onto the teacher's per-token flow map given its own prefix;
+    returns the EMA generator (progressive rule) like train_csd. `reference`: frozen model A (cfg.align_weight)."""
+    updater = TorchUpdater(adam(generator.parameters(), lr), clip=1.0)
+    ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    next_labels = _labels_fn(teacher.num_classes, batch, rng, device)
+    t0, step, metrics = clock(), 0, {}
+    generator.train()
+    while _budget_left(t0, step, steps, seconds, clock):
+        metrics = onpolicy_regression_step(generator, updater, teacher, next_labels(), cfg, rng=rng,
+                                           reference=reference)  # fmt: skip
+        ema_update(ema, generator, step, ema_max_decay)
+        step += 1
+    generator.eval()
+    return ema, LoopResult(step, clock() - t0, {k: v.item() for k, v in metrics.items()})
 
 
 def train_csd(
@@ -149,6 +193,8 @@ def train_csd(
     rng: torch.Generator | None = None,
     device="cpu",
     on_round: Callable[[int, OneStepGenerator, OneStepGenerator], None] | None = None,
+    clock: Clock = time.perf_counter,
+    reference: ARDiffusion | None = None,
 ) -> tuple[OneStepGenerator, LoopResult]:
     """Stage `csd`: `steps` rounds of K guidance updates + one generator update; returns the EMA generator.
 
@@ -164,17 +210,18 @@ def train_csd(
     gui_warm = warmup_steps * cfg.guidance_updates  # the paper counts warm-up in guidance iterations
     gui_up = TorchUpdater(gui_opt, clip=1.0, scheduler=warmup(gui_opt, gui_warm) if warmup_steps else None)
     next_labels = _labels_fn(teacher.num_classes, batch, rng, device)
-    t0, step, metrics = time.perf_counter(), 0, {}
+    t0, step, metrics = clock(), 0, {}
     generator.train()
     guidance.train()
     for _ in range(guidance_prefit):
         guidance_step(guidance, gui_up, generator, next_labels(), cfg, teacher=teacher, rng=rng)
-    while _budget_left(t0, step, steps, seconds):
-        metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng)
+    while _budget_left(t0, step, steps, seconds, clock):
+        metrics = csd_round(generator, gen_up, guidance, gui_up, teacher, next_labels, cfg, rng=rng, step=step,
+                            reference=reference)  # fmt: skip
         ema_update(ema, generator, step, ema_max_decay)
         step += 1
         if on_round is not None:
             on_round(step, generator, ema)
     generator.eval()
     guidance.eval()
-    return ema, LoopResult(step, time.perf_counter() - t0, {k: v.item() for k, v in metrics.items()})
+    return ema, LoopResult(step, clock() - t0, {k: v.item() for k, v in metrics.items()})

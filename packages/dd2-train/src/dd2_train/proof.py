@@ -1,23 +1,25 @@
-"""The exact proof that CSD distils an AR teacher into one step, on a teacher small enough to enumerate.
+"""The exact proof that one step can hold an AR teacher's joint, on a teacher small enough to enumerate.
 
 A toy teacher (dd2_teachers.toy) over V codes and N positions is fitted to a strongly correlated synthetic joint; its
 own joint p_T is then computed exactly by enumerating all V^N sequences. Every method draws the same number of
-sequences, each continuous token is snapped to its nearest code, and TV(empirical, p_T) is reported for:
+sequences, each continuous token is snapped to its nearest code, and TV(empirical, p_T) is reported (`tv.*`):
 
-    noise_floor       the teacher's own samples (the best any sampler can score at this sample count)
-    set_prediction    every position sampled independently from p_T's exact marginals (one-step baseline)
-    ar_diffusion      model A after GTS, sampled token by token with Euler steps (a multi-step sanity check)
-    gts_init          the one-step generator right after GTS initialisation, before CSD (one Euler step of A)
-    dd2_paper         CSD from the paper's initialisation with the paper's settings (K = 5, t ~ U[0.02, 0.98],
-                      SiD weight omega), EMA generator
-    dd2               CSD from the paper's initialisation with the toy-tuned settings (`tuned`: K = 2,
-                      t ~ U[0.1, 0.9], omega = 1, snapped prefixes, a guidance pre-fit), EMA generator
-    regression        DD1-style: the generator regressed onto the teacher's flow map, same wall time as `dd2`
-    warm_start_only   the short regression used as a warm start
-    dd2_warm          CSD after that warm start (not in the paper; `warm`: the tuned settings with generator LR
-                      1e-4), same total wall time as `dd2`
+    noise_floor      the teacher's own samples (the best any sampler can score at this sample count)
+    set_prediction   every position sampled independently from p_T's exact marginals (one-step baseline)
+    ar_diffusion     model A after GTS, sampled token by token with Euler steps (a multi-step sanity check)
+    gts_init         the one-step generator right after GTS initialisation (the paper's starting point)
+    paper            DD2 as published: CSD from model A, K = 5, t ~ U[0.02, 0.98], SiD weight omega
+    recommended      the project's recipe (`RECOMMENDED`): on-policy flow-map regression from model A, then
+                     anchored CSD from its EMA generator
+    onpolicy         on-policy flow-map regression alone (no pairs, one teacher pass per batch)
+    regression       DD1: offline regression onto flow-map pairs, the pairs' cost included
+    + any `ProofConfig.ablations` (named recipes)
 
-Run: python -m dd2_train.proof --preset full --out proof.json   (nox -s proof)
+Every trained method gets the same compute budget (`budget_seconds`), counted in CPU seconds of this process
+(`time.process_time`, one thread): on one thread that is the same work whatever else runs on the machine. EMA
+generators are evaluated (the paper's choice), the raw ones are reported too (`tv_raw.*`).
+
+Run: python -m dd2_train.proof --preset full --out runs/proof.json   (nox -s proof)
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ from dd2_teachers.toy import (
     synthetic_joint,
     total_variation,
 )
-from dd2_train.loop import flow_map_pairs, train_csd, train_gts, train_regression
-from dd2_train.steps import CSDConfig, GTSConfig
+from dd2_train.loop import flow_map_pairs, train_csd, train_gts, train_onpolicy_regression, train_regression
+from dd2_train.steps import CSDConfig, GTSConfig, RegressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +65,35 @@ class CSDVariant(BaseModel):
     guidance_prefit: int = Field(0, ge=0, description="FCS updates of psi alone before CSD (loop.train_csd)")
 
 
-# Tuned on the toy (prototype-notes.md and our sweeps): fewer guidance updates per generator update, t away from both
-# ends, no SiD weight, teacher and guidance conditioned on snapped prefixes, and psi first fitted to the initial
-# generator. Every item is an option of CSDConfig / train_csd; the paper's settings stay the defaults.
-TUNED = CSDVariant(
-    csd=CSDConfig(guidance_updates=2, t_min=0.1, t_max=0.9, weighting="none", snap_prefix=True),
-    guidance_prefit=200,
+class Recipe(BaseModel):
+    """A one-step training plan within a compute budget: a flow-map regression phase (share `regress_share` of the
+    budget), then CSD for the rest. regress_share 0: CSD from model A (the paper); 1: regression only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    head_time: float = Field(1.0, gt=0.0, le=1.0, description="the generator's head time (OneStepGenerator)")
+    regress: RegressConfig = Field(default_factory=RegressConfig)
+    regress_share: float = Field(0.0, ge=0.0, le=1.0, description="share of the budget spent regressing")
+    regress_lr: float = Field(1e-3, gt=0)
+    csd: CSDVariant = Field(default_factory=CSDVariant)
+
+
+# The paper's CSD settings (Tab. 11 where explicit, method.md 10 where not).
+PAPER = Recipe(csd=CSDVariant())
+# Toy-tuned CSD settings of earlier sessions (prototype-notes.md): K = 2, t away from both ends, no SiD weight,
+# snapped prefixes, a guidance pre-fit.
+TUNED_CSD = CSDConfig(guidance_updates=2, t_min=0.1, t_max=0.9, weighting="none", snap_prefix=True)
+TUNED = CSDVariant(csd=TUNED_CSD, guidance_prefit=200)
+# The project's recipe (README "Recipes"; the same settings as dd2_train.config's `recommended`): on-policy
+# regression for half the budget, then CSD from its EMA generator with an anchor decaying from 1 to 0.1.
+RECOMMENDED = Recipe(
+    regress=RegressConfig(mode="onpolicy"),
+    regress_share=0.5,
+    csd=CSDVariant(
+        csd=TUNED_CSD.model_copy(update={"anchor_weight": 1.0, "anchor_final": 0.1}),
+        lr_generator=1.5e-4,
+        guidance_prefit=200,
+    ),
 )
 
 
@@ -81,32 +106,40 @@ class ProofConfig(BaseModel):
     teacher: ToyTeacherConfig = Field(default_factory=ToyTeacherConfig)
     sharpness: float = Field(3.0, gt=0, description="peakedness of the synthetic joint's conditionals")
     teacher_steps: int = Field(1500, ge=1)
-    head: HeadConfig = Field(default_factory=lambda: HeadConfig(token_dim=2, cond_dim=64, width=128, depth=3))
+    head: HeadConfig | None = Field(None, description="velocity head; None = 3 x 128 sized to the teacher")
     gts: GTSConfig = Field(default_factory=GTSConfig)
     gts_steps: int = Field(1500, ge=1)
     gts_lr: float = 1e-3
     batch: int = Field(256, ge=1)
-    paper: CSDVariant = Field(default_factory=CSDVariant, description="the paper's CSD settings")
-    tuned: CSDVariant = Field(default_factory=lambda: TUNED, description="settings tuned on this toy")
-    warm: CSDVariant = Field(
-        default_factory=lambda: TUNED.model_copy(update={"lr_generator": 1e-4}),
-        description="CSD after the regression warm start: the tuned settings at a fine-tuning generator LR",
+    budget_seconds: float = Field(120.0, gt=0, description="CPU seconds (one thread) of every trained method")
+    methods: tuple[str, ...] = Field(
+        ("paper", "recommended", "onpolicy", "regression"), description="which trained methods to run"
     )
-    csd_steps: int = Field(600, ge=1, description="generator updates (each after K guidance updates)")
-    csd_seconds: float | None = Field(None, description="wall-time cap of each CSD run")
-    with_paper: bool = Field(True, description="also run CSD with the paper's settings")
-    warm_pairs: int = Field(20000, ge=1, description="flow-map pairs for the regression baseline and warm start")
-    warm_steps: int = Field(500, ge=1, description="regression steps of the warm start")
-    regression_lr: float = 1e-3
+    recipes: dict[str, Recipe] = Field(
+        default_factory=lambda: {
+            "paper": PAPER,
+            "recommended": RECOMMENDED,
+            "onpolicy": Recipe(regress=RegressConfig(mode="onpolicy"), regress_share=1.0),
+            "regression": Recipe(regress=RegressConfig(mode="offline"), regress_share=1.0),
+        },
+        description="the recipe of every method name (ablations: add names here and to `methods`)",
+    )
+    pairs: int = Field(50000, ge=1, description="flow-map pairs of offline regression (made inside its budget)")
+    flow_steps: int = Field(32, ge=1, description="Euler steps of the offline pairs' flow map")
+    ema_max_decay: float = Field(0.999, gt=0, lt=1)
     eval_samples: int = Field(20000, ge=1)
     ar_steps: int = Field(20, ge=1, description="Euler steps per token when sampling model A")
-    with_dd1: bool = Field(True, description="also run the DD1-style regression and the warm-started DD2")
+    threads: int = Field(1, ge=1, description="torch threads (the budget is CPU time: keep 1)")
+
+    def head_config(self) -> HeadConfig:
+        t = self.teacher
+        return self.head or HeadConfig(token_dim=t.token_dim, cond_dim=t.dim, width=128, depth=3)
 
 
 PRESETS: dict[str, dict] = {
-    # CI: the tuned DD2 only (the test adds with_paper=False, with_dd1=False), about 2-3 minutes on 2 cores
-    "ci": {"teacher_steps": 800, "gts_steps": 500, "csd_steps": 400, "warm_steps": 300, "warm_pairs": 8192},
-    "full": {"teacher_steps": 2000, "gts_steps": 2000, "csd_steps": 1500, "warm_steps": 1000, "warm_pairs": 50000},
+    # CI: the recommended recipe only, about 2-3 minutes on 2 cores
+    "ci": {"teacher_steps": 800, "gts_steps": 500, "budget_seconds": 60.0, "methods": ("recommended",)},
+    "full": {"teacher_steps": 2000, "gts_steps": 2000, "budget_seconds": 240.0},
 }
 
 
@@ -118,17 +151,59 @@ def generator_tv(generator: OneStepGenerator, teacher: ToyTeacher, p_t: torch.Te
     return total_variation(histogram(nearest_code(q, teacher.codebook), teacher.cfg.codebook_size), p_t)
 
 
+def run_recipe(
+    recipe: Recipe, model_a, teacher: ToyTeacher, cfg: ProofConfig, rng: torch.Generator
+) -> tuple[OneStepGenerator, OneStepGenerator, dict]:
+    """Train one method from model A within cfg.budget_seconds of CPU time. Returns (ema, raw generator, log)."""
+    clock = time.process_time
+    t0 = clock()
+    generator = OneStepGenerator.from_ar_diffusion(model_a, recipe.head_time)
+    ema, log = generator, {}
+    budget = cfg.budget_seconds * recipe.regress_share
+    if recipe.regress_share > 0 and recipe.regress.mode == "offline":
+        r = recipe.regress
+        pairs = flow_map_pairs(teacher, cfg.pairs, steps=cfg.flow_steps, rng=rng)
+        log["pairs_seconds"] = clock() - t0
+        ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        res = train_regression(generator, pairs, steps=10**9, batch=cfg.batch, lr=recipe.regress_lr,
+                               seconds=max(1.0, budget - (clock() - t0)), rng=rng, clock=clock, ema=ema,
+                               ema_max_decay=cfg.ema_max_decay)  # fmt: skip
+        log["regress"] = res.__dict__
+        log["flow_steps"] = r.flow_steps
+    elif recipe.regress_share > 0:
+        ema, res = train_onpolicy_regression(
+            generator, teacher, recipe.regress, steps=10**9, batch=cfg.batch, lr=recipe.regress_lr, seconds=budget,
+            rng=rng, ema_max_decay=cfg.ema_max_decay, clock=clock,
+        )  # fmt: skip
+        log["regress"] = res.__dict__
+    if recipe.regress_share < 1:
+        v = recipe.csd
+        start = ema if recipe.regress_share > 0 else generator  # CSD continues from the regression's EMA
+        generator = copy.deepcopy(start).train().requires_grad_(True)
+        left = max(1.0, cfg.budget_seconds - (clock() - t0))
+        ema, res = train_csd(
+            generator, copy.deepcopy(model_a), teacher, v.csd, steps=10**9, batch=cfg.batch,
+            lr_generator=v.lr_generator, lr_guidance=v.lr_guidance, seconds=left, rng=rng,
+            guidance_prefit=v.guidance_prefit, ema_max_decay=cfg.ema_max_decay, clock=clock,
+        )  # fmt: skip
+        log["csd"] = res.__dict__
+    log["seconds"] = clock() - t0
+    return ema, generator, log
+
+
 def run_proof(cfg: ProofConfig) -> dict:
     """Run every method of the module docstring and return the JSON-able results."""
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
     v, n = cfg.teacher.codebook_size, cfg.teacher.num_tokens
-    out: dict = {"config": cfg.model_dump(), "tv": {}, "seconds": {}}
+    out: dict = {"config": cfg.model_dump(mode="json"), "tv": {}, "tv_raw": {}, "seconds": {}, "logs": {}}
     tic = time.perf_counter()
 
     teacher = ToyTeacher(cfg.teacher)
     data = synthetic_joint(v, n, sharpness=cfg.sharpness, seed=cfg.seed)
     out["tv"]["teacher_vs_data"] = fit_toy_teacher(teacher, data, steps=cfg.teacher_steps, generator=rng)
+    teacher.eval().requires_grad_(False)
     p_t = teacher.exact_joint()
     out["seconds"]["teacher_fit"] = time.perf_counter() - tic
 
@@ -139,57 +214,27 @@ def run_proof(cfg: ProofConfig) -> dict:
     out["tv"]["set_prediction"] = total_variation(histogram(ids, v), p_t)
 
     tic = time.perf_counter()
-    model_a = ar_diffusion_from_teacher(teacher, cfg.head)
+    model_a = ar_diffusion_from_teacher(teacher, cfg.head_config())
     out["gts"] = train_gts(
         model_a, teacher, cfg.gts, steps=cfg.gts_steps, batch=cfg.batch, lr=cfg.gts_lr, rng=rng
     ).__dict__
     out["seconds"]["gts"] = time.perf_counter() - tic
-    toks = model_a.sample(labels, steps=cfg.ar_steps, generator=rng)
+    toks = model_a.sample(labels, steps=cfg.ar_steps, generator=rng, snap_codebook=teacher.codebook)
     out["tv"]["ar_diffusion"] = total_variation(histogram(nearest_code(toks, teacher.codebook), v), p_t)
-    gen_init = OneStepGenerator.from_ar_diffusion(model_a)
-    out["tv"]["gts_init"] = generator_tv(gen_init, teacher, p_t, cfg.eval_samples, rng)
+    out["tv"]["gts_init"] = generator_tv(OneStepGenerator.from_ar_diffusion(model_a), teacher, p_t, cfg.eval_samples,
+                                         rng)  # fmt: skip
 
-    def csd(variant: CSDVariant, generator: OneStepGenerator, seconds: float | None, steps: int):
-        return train_csd(
-            generator, copy.deepcopy(model_a), teacher, variant.csd, steps=steps, batch=cfg.batch,
-            lr_generator=variant.lr_generator, lr_guidance=variant.lr_guidance, seconds=seconds, rng=rng,
-            guidance_prefit=variant.guidance_prefit,
-        )  # fmt: skip
-
-    # DD2 from the paper's initialisation: generator and guidance both start as copies of A
-    if cfg.with_paper:
-        ema, res = csd(cfg.paper, OneStepGenerator.from_ar_diffusion(model_a), cfg.csd_seconds, cfg.csd_steps)
-        out["dd2_paper"] = res.__dict__
-        out["tv"]["dd2_paper"] = generator_tv(ema, teacher, p_t, cfg.eval_samples, rng)
-    generator = OneStepGenerator.from_ar_diffusion(model_a)
-    ema, res = csd(cfg.tuned, generator, cfg.csd_seconds, cfg.csd_steps)
-    out["dd2"] = res.__dict__
-    out["tv"]["dd2"] = generator_tv(ema, teacher, p_t, cfg.eval_samples, rng)
-    out["tv"]["dd2_raw"] = generator_tv(generator, teacher, p_t, cfg.eval_samples, rng)
-    dd2_seconds = res.seconds
-    if not cfg.with_dd1:
-        return out
-
-    # Equal compute: the wall time of DD2's CSD stage is the budget of each variant below, and making the flow-map
-    # pairs (DD1's dataset) is charged to the variants that use them.
-    tic = time.perf_counter()
-    pairs = flow_map_pairs(teacher, cfg.warm_pairs, rng=rng)
-    pair_seconds = out["seconds"]["flow_map_pairs"] = time.perf_counter() - tic
-    budget = max(1.0, dd2_seconds - pair_seconds)
-
-    # DD1-style: regression onto the teacher's flow map, from the same initialisation (model A)
-    reg = OneStepGenerator.from_ar_diffusion(model_a)
-    res = train_regression(reg, pairs, steps=10**9, batch=cfg.batch, lr=cfg.regression_lr, seconds=budget, rng=rng)
-    out["regression"] = res.__dict__
-    out["tv"]["regression"] = generator_tv(reg, teacher, p_t, cfg.eval_samples, rng)
-
-    # DD2 after a regression warm start (not in the paper): warm start + CSD share the same budget
-    warm = OneStepGenerator.from_ar_diffusion(model_a)
-    res_w = train_regression(warm, pairs, steps=cfg.warm_steps, batch=cfg.batch, lr=cfg.regression_lr, rng=rng)
-    out["tv"]["warm_start_only"] = generator_tv(warm, teacher, p_t, cfg.eval_samples, rng)
-    ema_w, res = csd(cfg.warm, warm, max(1.0, budget - res_w.seconds), 10**9)
-    out["dd2_warm"] = {"warm": res_w.__dict__, "csd": res.__dict__}
-    out["tv"]["dd2_warm"] = generator_tv(ema_w, teacher, p_t, cfg.eval_samples, rng)
+    for name in cfg.methods:
+        if name not in cfg.recipes:
+            raise ValueError(f"methods: {name!r} has no recipe; known: {sorted(cfg.recipes)}")
+        logger.info("proof: %s (%.0f CPU seconds)", name, cfg.budget_seconds)
+        ema, raw, log = run_recipe(cfg.recipes[name], model_a, teacher, cfg, rng)
+        eval_rng = torch.Generator().manual_seed(cfg.seed + 1)  # every method sees the same evaluation noise
+        out["tv"][name] = generator_tv(ema, teacher, p_t, cfg.eval_samples, eval_rng)
+        out["tv_raw"][name] = generator_tv(raw, teacher, p_t, cfg.eval_samples, eval_rng)
+        out["seconds"][name] = log["seconds"]
+        out["logs"][name] = log
+        logger.info("proof: %s TV %.4f (raw %.4f)", name, out["tv"][name], out["tv_raw"][name])
     return out
 
 
@@ -198,9 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="size of the run (default: full)")
     parser.add_argument("--out", type=Path, default=Path("proof.json"), help="JSON results (default: proof.json)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=None, help="CPU seconds per trained method (preset's)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = ProofConfig.model_validate(PRESETS[args.preset] | {"seed": args.seed})
+    over: dict = {"seed": args.seed}
+    if args.budget is not None:
+        over["budget_seconds"] = args.budget
+    if args.methods:
+        over["methods"] = tuple(args.methods.split(","))
+    cfg = ProofConfig.model_validate(PRESETS[args.preset] | over)
     tic = time.perf_counter()
     result = run_proof(cfg)
     result["seconds"]["total"] = time.perf_counter() - tic

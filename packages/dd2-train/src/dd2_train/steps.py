@@ -7,7 +7,9 @@ Metrics come back as detached 0-dim tensors: call .item() only when logging (it 
     gts_step        AR-diffusion tuning on teacher samples (DD2 Eq. 6)               stage `gts`
     guidance_step   guidance network psi by FCS on generator samples (Eq. 5)        stage `csd` (K per generator step)
     generator_step  one-step generator by CSD against teacher and psi (Eq. 4)        stage `csd`
-    regression_step DD1-style regression onto the teacher's flow map (optional warm start / baseline)
+    regression_step DD1-style regression onto precomputed flow-map pairs (offline)     stage `regress` (offline)
+    onpolicy_regression_step  regression onto the teacher's per-token flow map given the generator's own prefix
+                    (one teacher pass per batch, no pairs; its fixed point is DD1's map)  stage `regress` (onpolicy)
     adapt_step      LlamaGen's continuous-input AR fine-tuning (stage 0, App. E.4)   stage `adapt`
     ema_update      the paper's progressive EMA: decay = min(max_decay, (step + 1) / (step + 10))
 """
@@ -28,7 +30,7 @@ from dd2_core.diffusion import ARDiffusion
 from dd2_core.flow import sample_t
 from dd2_core.generator import OneStepGenerator
 from dd2_core.losses import csd_loss, fcs_loss, gts_loss, regression_loss
-from dd2_core.sampling import nearest_code
+from dd2_core.sampling import integrate_teacher_flow, nearest_code
 from dd2_core.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -90,7 +92,11 @@ class CSDConfig(BaseModel):
     )
     t_min: float = Field(0.02, gt=0.0, lt=1.0, description="t ~ U[t_min, t_max] per token, CSD and FCS")
     t_max: float = Field(0.98, gt=0.0, le=1.0, description="upper end of t")
-    weighting: Literal["sid", "none"] = Field("sid", description="'sid': omega = 1/mean|q - f_teacher| (no grad)")
+    weighting: Literal["sid", "sid_seq", "none"] = Field(
+        "sid",
+        description="'sid': omega = 1/mean_C|q - f_teacher| per token (no grad); 'sid_seq': per sequence (SiD's per-"
+        "image normaliser); 'none': omega = 1",
+    )
     snap_prefix: bool = Field(
         False, description="not in the paper: teacher and guidance condition on the prefix snapped to nearest codes"
     )
@@ -101,11 +107,60 @@ class CSDConfig(BaseModel):
         "and needs a teacher forward pass per guidance update",
     )
 
+    anchor_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="not in the paper (0 = off): lambda of the regression anchor added to the generator's CSD loss, "
+        "lambda * ||q - sg(F(eps | p(. | sg(q)_<i)))||^2 with F the teacher's per-token flow map (the on-policy "
+        "regression target, from the CSD step's own teacher pass)",
+    )
+    anchor_final: float | None = Field(
+        None, ge=0.0, description="lambda after anchor_steps generator updates (linear from anchor_weight); None: fixed"
+    )
+    anchor_steps: int = Field(0, ge=0, description="generator updates over which lambda goes to anchor_final")
+    flow_steps: int = Field(32, ge=1, le=4096, description="Euler steps of the anchor's per-token flow map")
+    align_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="not in the paper (0 = off): prefix-feature alignment, + align_weight * ||f_G(eps)_i - "
+        "f_A(sg(q)_<i)||^2 (mean over D) with A the frozen GTS model: the generator's noise features are pulled "
+        "toward A's features of the tokens it produced (needs `reference` = A)",
+    )
+    flow_power: float = Field(2.0, gt=0.0, description="time grid (1 - k/steps)^power of the flow map")
+
     @model_validator(mode="after")
     def _t_range(self) -> CSDConfig:
         if self.t_min >= self.t_max:
             raise ValueError(f"need t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
         return self
+
+    def anchor_at(self, step: int) -> float:
+        """lambda at generator update `step` (0-based): linear from anchor_weight to anchor_final over anchor_steps."""
+        if self.anchor_final is None:
+            return self.anchor_weight
+        if step >= self.anchor_steps:
+            return self.anchor_final
+        return self.anchor_weight + (self.anchor_final - self.anchor_weight) * step / self.anchor_steps
+
+
+class RegressConfig(BaseModel):
+    """Regression of the generator onto the teacher's flow map (not in DD2; DD1's map).
+
+    'onpolicy': for q = G(eps), one teacher-forced pass on sg(q) gives p(. | q_<i) at every position; the target of
+    token i is the teacher's deterministic per-token flow map F(eps_i | p(. | q_<i)) (the mixture-velocity ODE from
+    t = 1 to 0, `dd2_core.sampling.integrate_teacher_flow`). At the fixed point G = F the prefixes are F's own, so
+    it converges to DD1's map, with no sequential AR sampling and no pair dataset.
+    'offline': DD1 itself, on (eps, F(eps)) pairs written by the `gen-pairs` stage.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["onpolicy", "offline"] = Field("onpolicy", description="targets from the generator's own prefix "
+                                                 "(one teacher pass per batch) or from gen-pairs shards")  # fmt: skip
+    snap_prefix: bool = Field(True, description="onpolicy: the teacher conditions on the prefix snapped to codes")
+    flow_steps: int = Field(32, ge=1, le=4096, description="Euler steps of the per-token flow map")
+    flow_power: float = Field(2.0, gt=0.0, description="time grid (1 - k/steps)^power, as dd2_core.sampling")
+    align_weight: float = Field(0.0, ge=0.0, description="prefix-feature alignment weight (CSDConfig.align_weight)")
 
 
 def _per_token_t(shape: tuple[int, ...], t_min: float, t_max: float, like: Tensor, rng) -> Tensor:
@@ -135,6 +190,15 @@ def _prefix(tokens: Tensor, codebook: Tensor, snap: bool) -> Tensor:
     if snap:
         tokens = codebook.to(tokens.device, tokens.dtype)[nearest_code(tokens, codebook)]
     return tokens
+
+
+def alignment_loss(f_generator: Tensor, reference: ARDiffusion | None, prefix: Tensor, labels: Tensor) -> Tensor:
+    """Prefix-feature alignment: mean ||f_G(eps)_i - sg(f_A(prefix)_i)||^2 over positions and D (A frozen)."""
+    if reference is None:
+        raise ValueError("align_weight > 0 needs the frozen GTS model A (reference=...)")
+    with torch.no_grad():
+        f_ref = reference.features(prefix, labels)  # (B, N, D): A reads the generated prefix
+    return (f_generator.float() - f_ref.float()).pow(2).mean()
 
 
 @torch.no_grad()
@@ -221,15 +285,20 @@ def generator_step(
     cfg: CSDConfig,
     *,
     rng: torch.Generator | None = None,
+    step: int = 0,
+    reference: ARDiffusion | None = None,
 ) -> dict[str, Tensor]:
     """One CSD update of the generator (DD2 Eq. 4, all positions at once, prefixes detached).
 
     Teacher log-probs and guidance features are computed on sg(q); only the noised current token carries the
     generator's gradient. The guidance parameters are frozen during the backward pass, so they receive no gradient.
+    Anchored CSD (not in the paper; cfg.anchor_at(step) > 0): + lambda * ||q - sg(F)||^2 with F the per-token
+    flow map given the same teacher pass (`onpolicy_regression_step`'s target); it draws no random numbers, so
+    with lambda = 0 the step is today's CSD bit for bit.
     Shapes: labels (B,).
     """
     noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
-    q = generator(noise, labels)  # (B, N, C), with gradient
+    q, f_gen = generator.forward_with_features(noise, labels)  # (B, N, C), (B, N, D), with gradient
     prefix = _prefix(q, teacher.codebook, cfg.snap_prefix)  # sg(q_<i)
     with torch.no_grad():
         log_probs = teacher.log_probs(prefix, labels)  # (B, N, V)
@@ -242,9 +311,20 @@ def generator_step(
             draw = csd_loss(q, guidance.head, f, log_probs, teacher.codebook, t, eps, weighting=cfg.weighting,
                             residual=cfg.guidance_residual)  # fmt: skip
             loss = loss + draw.mean() / cfg.csd_draws
+        metrics = {"loss_csd": loss.detach()}
+        lam = cfg.anchor_at(step)
+        if lam > 0:
+            target = flow_map_target(noise, log_probs, teacher.codebook, cfg.flow_steps, cfg.flow_power)
+            reg = regression_loss(q, target).mean()
+            loss = loss + lam * reg
+            metrics |= {"loss_anchor": reg.detach(), "anchor_lambda": torch.tensor(lam)}
+        if cfg.align_weight > 0:
+            align = alignment_loss(f_gen, reference, prefix, labels)
+            loss = loss + cfg.align_weight * align
+            metrics["loss_align"] = align.detach()
         updater.backward(loss)
     updater.step()
-    return {"loss_csd": loss.detach()}
+    return metrics
 
 
 def regression_step(
@@ -255,6 +335,42 @@ def regression_step(
     updater.backward(loss)
     updater.step()
     return {"loss_reg": loss.detach()}
+
+
+@torch.no_grad()
+def flow_map_target(noise: Tensor, log_probs: Tensor, codebook: Tensor, steps: int, power: float) -> Tensor:
+    """sg(F): the teacher's per-token flow map F(eps_i | p_i), all positions at once (dd2_core.sampling's
+    integrator and grid).  Shapes: noise (B, N, C), log_probs (B, N, V), codebook (V, C) -> (B, N, C) float32."""
+    return integrate_teacher_flow(noise.float(), log_probs, codebook.float(), steps=steps, power=power)
+
+
+def onpolicy_regression_step(
+    generator: OneStepGenerator,
+    updater: Updater,
+    teacher: Teacher,
+    labels: Tensor,
+    cfg: RegressConfig,
+    *,
+    rng: torch.Generator | None = None,
+    reference: ARDiffusion | None = None,
+) -> dict[str, Tensor]:
+    """One on-policy flow-map regression update (RegressConfig): q = G(eps), p = teacher(sg(q)) in one teacher-forced
+    pass, loss ||q - sg(F(eps | p))||^2 (+ prefix-feature alignment with cfg.align_weight).  Shapes: labels (B,)."""
+    noise = generator.sample_noise(labels.shape[0], device=labels.device, generator=rng)
+    q, f_gen = generator.forward_with_features(noise, labels)  # (B, N, C), (B, N, D), with gradient
+    prefix = _prefix(q, teacher.codebook, cfg.snap_prefix)  # sg(q_<i)
+    with torch.no_grad():
+        log_probs = teacher.log_probs(prefix, labels)  # (B, N, V): row i sees only q_<i
+        target = flow_map_target(noise, log_probs, teacher.codebook, cfg.flow_steps, cfg.flow_power)
+    loss = regression_loss(q, target).mean()
+    metrics = {"loss_reg": loss.detach()}
+    if cfg.align_weight > 0:
+        align = alignment_loss(f_gen, reference, prefix, labels)
+        loss = loss + cfg.align_weight * align
+        metrics["loss_align"] = align.detach()
+    updater.backward(loss)
+    updater.step()
+    return metrics
 
 
 def adapt_step(model: nn.Module, updater: Updater, ids: Tensor, labels: Tensor, codebook: Tensor) -> dict[str, Tensor]:
@@ -301,9 +417,13 @@ def csd_round(
     cfg: CSDConfig,
     *,
     rng: torch.Generator | None = None,
+    step: int = 0,
+    reference: ARDiffusion | None = None,
 ) -> dict[str, Tensor]:
-    """K guidance updates then one generator update (DD2 Alg. 1): the unit that every CSD driver repeats."""
+    """K guidance updates then one generator update (DD2 Alg. 1): the unit that every CSD driver repeats.
+    `step` (0-based generator update) sets the anchor's lambda; `reference` (model A) serves cfg.align_weight."""
     metrics: dict[str, Tensor] = {}
     for _ in range(cfg.guidance_updates):
         metrics = guidance_step(guidance, gui_updater, generator, next_labels(), cfg, teacher=teacher, rng=rng)
-    return metrics | generator_step(generator, gen_updater, guidance, teacher, next_labels(), cfg, rng=rng)
+    return metrics | generator_step(generator, gen_updater, guidance, teacher, next_labels(), cfg, rng=rng, step=step,
+                                    reference=reference)  # fmt: skip

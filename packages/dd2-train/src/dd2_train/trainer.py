@@ -4,6 +4,9 @@
       run_adapt     adapt_step     on image-code shards                   -> <stage>/teacher/ (adapted teacher)
       run_gen_data  teacher.sample                                        -> <run_dir>/gen-data/shards/*.tar
       run_gts       gts_step       on teacher-sample shards               -> model A (engine "model")
+      run_gen_pairs teacher_flow_map                                      -> <run_dir>/gen-pairs/shards/*.tar
+      run_regress   onpolicy_regression_step (one teacher pass per batch) or regression_step on pair shards, EMA
+                                                                          -> engine "generator", ema
       run_csd       K x grad_accum guidance_step, grad_accum generator_step, EMA
                                                                           -> engines "generator", "guidance", ema
       run_align     guidance_step with the generator frozen at its EMA    -> engine "guidance", generator, ema
@@ -33,14 +36,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dd2_core.checkpoint import read_state_dict, save_safetensors
+from dd2_core.checkpoint import atomic_write_bytes, read_state_dict, save_safetensors
 from dd2_core.generator import OneStepGenerator
+from dd2_core.sampling import nearest_code, teacher_flow_map
 from dd2_train import engine as eng
 from dd2_train.build import (
     ADAPTED_DIR,
     build_adapt_model,
     build_ar_diffusion,
+    build_generator,
     build_teacher,
+    onestep_options,
     restore_frozen_tokenizer,
     save_adapted_teacher,
 )
@@ -58,14 +64,18 @@ from dd2_train.checkpoint import (
 from dd2_train.config import ConfigError, OptimSpec, TrainConfig, check_config, default_input
 from dd2_train.data import TokenStream, derive_seed, expand_shards, read_shard_meta, write_teacher_samples
 from dd2_train.logs import MetricsLogger, Throughput, setup_logging
+from dd2_train.runlock import RunFolderBusy, RunLock
 from dd2_train.steps import (
     CSDConfig,
     GTSConfig,
+    RegressConfig,
     adapt_step,
     ema_update,
     generator_step,
     gts_step,
     guidance_step,
+    onpolicy_regression_step,
+    regression_step,
     start_residual_guidance,
 )
 
@@ -112,6 +122,30 @@ def train(cfg: TrainConfig, *, local_rank: int | None = None) -> None:
         error = e
     if not eng.all_ranks_ok(error is None):
         raise error or ConfigError("invalid config on another rank (see its log)")
+    lock = _lock_run_dir(cfg, dist)  # one writer per run folder, for the whole launch
+    try:
+        _train_stages(cfg, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(cfg: TrainConfig, dist: eng.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run folder's lock; every rank stops (RunFolderBusy) if another launch holds it."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(cfg.run_dir)
+            lock.acquire()
+        except (RunFolderBusy, OSError) as e:  # busy, or a run_dir this process cannot write
+            lock, error = None, e
+    if not eng.all_ranks_ok(error is None):
+        eng.shutdown(wait=False)
+        raise error or RunFolderBusy(f"{cfg.run_dir}: rank 0 could not lock the run folder (its message says why)")
+    return lock
+
+
+def _train_stages(cfg: TrainConfig, dist: eng.DistInfo) -> None:
     precision = eng.resolve_precision(cfg.deepspeed.precision)
     if precision == "bf16" and dist.device.type == "cpu":
         logger.warning("bf16 on CPU is slow and not what CI tests; deepspeed.precision=auto picks fp32 there")
@@ -143,18 +177,12 @@ def run_stage(cfg: TrainConfig, stage: str, dist: eng.DistInfo, precision: str) 
     if dist.is_main:
         folder.path.mkdir(parents=True, exist_ok=True)
         folder.remove_partial()
-        snapshot = cfg.model_dump(mode="json")
-        old = folder.path / "config.json"
-        if old.is_file():
-            changed = _diff(json.loads(old.read_text()), snapshot)
-            if changed:
-                logger.warning("config differs from the snapshot of the previous run in %s: %s", folder.path, changed)
-        write_json(old, snapshot)
     eng.barrier()
     rng = torch.Generator(device=dist.device).manual_seed(derive_seed(cfg.seed, stage, "loop", dist.rank))
     ctx = StageContext(cfg, stage, dist, folder, precision, rng)
     logger.info("stage %s -> %s", stage, folder.path)
     STAGES[stage](ctx)
+    _write_snapshot(ctx)  # stages without a checkpoint (gen-data, export): once they succeeded
     eng.barrier()
 
 
@@ -319,12 +347,48 @@ def load_checkpoint(
 
 
 def _truncate_log(ctx: StageContext, step: int) -> None:
-    """After a resume at `step`, drop log.jsonl records of later steps (they are about to be recomputed)."""
+    """Before training from `step`, drop log.jsonl records of later steps (they are about to be recomputed) and any
+    line that does not parse (a last line cut short by a full disk or a kill); the rewrite is atomic."""
     path = ctx.folder.path / "log.jsonl"
     if not ctx.dist.is_main or not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep, dropped, bad = [], 0, []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            later = int(record["step"]) > step
+        except (ValueError, TypeError, KeyError):
+            bad.append(number)
+            continue
+        if later:
+            dropped += 1
+        else:
+            keep.append(line)
+    if bad:
+        logger.warning("%s: dropped %d unreadable line(s) (line %s; cut short by a full disk or a kill?)", path,
+                       len(bad), ", ".join(map(str, bad[:5])))  # fmt: skip
+    if bad or dropped:
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+def _write_snapshot(ctx: StageContext) -> None:
+    """config.json of the stage folder (rank 0), once the stage has resumed or started cleanly: a launch that fails
+    before that leaves the previous run's snapshot in place."""
+    if not ctx.dist.is_main or ctx.extra.get("snapshot_written"):
+        return
+    snapshot = ctx.cfg.model_dump(mode="json")
+    old = ctx.folder.path / "config.json"
+    if old.is_file():
+        try:
+            changed = _diff(json.loads(old.read_text()), snapshot)
+        except ValueError:
+            changed = [f"{old} was unreadable"]
+        if changed:
+            logger.warning("config differs from the snapshot of the previous run in %s: %s", ctx.folder.path, changed)
+    write_json(old, snapshot)
+    ctx.extra["snapshot_written"] = True
 
 
 # -- the loop shared by every trained stage ---------------------------------------------------------------------------
@@ -377,16 +441,23 @@ def _resume_or_init(ctx: StageContext, load: Callable[[Path], dict], init: Calla
     latest = _latest(ctx)
     if latest is None:
         init()
-        return 0
-    manifest = load(Path(latest))
-    _truncate_log(ctx, manifest["step"])
-    return int(manifest["step"])
+        start = 0
+    else:
+        start = int(load(Path(latest))["step"])
+    _truncate_log(ctx, start)
+    _write_snapshot(ctx)
+    return start
 
 
-def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int) -> TokenStream:
+def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int, *, pairs: bool = False) -> TokenStream:
+    """The stage's shard stream; `pairs`: flow-map pair shards of gen-pairs (samples hold noise too)."""
     shards = data.shards if data.shards is not None else default
     urls = expand_shards(shards)
     meta = read_shard_meta(urls[0])
+    kind = "flow-map-pairs" if pairs else "teacher-samples"
+    if pairs and meta.get("kind") != kind:
+        raise ConfigError(f"{ctx.stage}.data.shards: {urls[0]} holds {meta.get('kind')!r} shards, expected {kind!r} "
+                          "(written by the gen-pairs stage)")  # fmt: skip
     expected = {"num_tokens": teacher.num_tokens, "vocab_size": teacher.codebook.shape[0]}
     found = {k: meta.get(k) for k in expected}
     if found != expected:
@@ -407,6 +478,7 @@ def _stream(ctx: StageContext, data, default: str | None, teacher, micro: int) -
         shuffle_buffer=data.shuffle_buffer,
         skip_corrupt=data.skip_corrupt,
         seed=derive_seed(ctx.cfg.seed, ctx.stage, "data"),
+        token_dim=int(teacher.codebook.shape[1]) if pairs else None,
     )
 
 
@@ -541,11 +613,146 @@ def run_gts(ctx: StageContext) -> None:
     _finish_stream(stream)
 
 
-def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None):
-    """(generator, guidance, ema) before the engines: from model A (gts) or from a csd/align checkpoint."""
+def _reference_model(ctx: StageContext, teacher: nn.Module, align_weight: float) -> nn.Module | None:
+    """The frozen GTS model A for prefix-feature alignment (align_weight > 0), from <run_dir>/gts or regress's
+    init_from; None when alignment is off."""
+    if align_weight <= 0:
+        return None
+    cfg = ctx.cfg
+    step_dir = resolve_checkpoint(default_input(cfg, "regress"))  # regress.init_from or <run_dir>/gts
+    if "model" not in read_manifest(step_dir)["modules"]:
+        raise ConfigError(f"align_weight: needs model A from a gts stage; {step_dir} holds no 'model'")
+    reference = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
+    reference.load_state_dict(module_weights(step_dir, "model"))
+    restore_frozen_tokenizer(reference, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
+    return eng.freeze(reference, device=ctx.device)
+
+
+def run_gen_pairs(ctx: StageContext) -> None:
+    """DD1's dataset: (noise, F(noise)) pairs of the teacher's flow map -> shards, every rank in parallel, resumable.
+
+    F is integrated group by group (N teacher-forced passes for LlamaGen, one per scale for VAR); the shards hold
+    the noise and F's tokens snapped to code ids (the flow map ends on codes up to the integration error)."""
+    cfg, sec = ctx.cfg, ctx.cfg.gen_pairs
+    teacher = _teacher(ctx)
+    _place_teacher(ctx, teacher)
+    out = default_input(cfg, "regress-data")
+    codebook = teacher.codebook.float()
+    meta = {
+        "kind": "flow-map-pairs",
+        "teacher": cfg.teacher.family,
+        "size": cfg.teacher.size,
+        "teacher_ckpt": str(cfg.teacher.ckpt),
+        "policy": teacher.policy.model_dump(mode="json"),
+        "num_tokens": teacher.num_tokens,
+        "vocab_size": int(codebook.shape[0]),
+        "token_dim": int(codebook.shape[1]),
+        "num_classes": teacher.num_classes,
+        "flow_steps": sec.flow_steps,
+        "flow_power": sec.flow_power,
+        "seed": cfg.seed,
+    }
+
+    def pairs(labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(labels.shape[0], teacher.num_tokens, codebook.shape[1], generator=g, device=ctx.device)
+        with ctx.autocast():
+            tokens = teacher_flow_map(teacher, noise, labels, steps=sec.flow_steps, power=sec.flow_power)
+        return nearest_code(tokens.float(), codebook), noise
+
+    counts = write_teacher_samples(
+        pairs,
+        out,
+        num_samples=sec.num_samples,
+        shard_size=sec.shard_size,
+        batch_size=sec.batch_size,
+        num_classes=teacher.num_classes,
+        meta=meta,
+        seed=cfg.seed,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        device=ctx.device,
+        stage="gen-pairs",
+    )
+    logger.info("gen-pairs rank %d: %s", ctx.dist.rank, counts)
+    eng.barrier()
+    if ctx.dist.is_main:
+        shards = sorted(p.name for p in out.glob("shard-*.tar"))
+        write_json(
+            out / "index.json", {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
+        )
+        logger.info("gen-pairs: %d shards, %d pairs in %s", len(shards), sec.num_samples, out)
+
+
+def run_regress(ctx: StageContext) -> None:
+    """Flow-map regression of the one-step generator from model A: on-policy (one teacher pass per batch on the
+    generator's own prefix) or offline (DD1, on gen-pairs shards); EMA with the progressive rule."""
+    cfg, sec = ctx.cfg, ctx.cfg.regress
+    _seed_models(cfg, ctx.stage)
+    teacher = _teacher(ctx)
+    generator = build_generator(teacher, cfg.teacher, cfg.head, cfg.onestep)
+    resuming = _latest(ctx) is not None
+    if not resuming:
+        step_dir = resolve_checkpoint(default_input(cfg, "regress"))
+        modules = read_manifest(step_dir)["modules"]
+        if "model" not in modules:
+            raise ConfigError(f"regress.init_from: {step_dir} holds {sorted(modules)}; expected a gts stage "
+                              "checkpoint (model A)")  # fmt: skip
+        generator.model.load_state_dict(module_weights(step_dir, "model"))
+        restore_frozen_tokenizer(generator.model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
+        logger.info("generator initialised from model A of %s", step_dir)
+    ema = copy.deepcopy(generator).requires_grad_(False).eval()
+    reference = _reference_model(ctx, teacher, sec.align_weight)
+    _place_teacher(ctx, teacher)
+    spec = _spec(ctx, sec.optim, sec.batch_size, sec.grad_accum)
+    engine = _engine(ctx, generator, spec, "generator")
+    offline = sec.mode == "offline"
+    stream = None
+    if offline:
+        stream = _stream(ctx, sec.data, str(default_input(cfg, "regress-data")), teacher, spec.micro_batch, pairs=True)
+    _seed_rank(ctx)
+    start = _resume_or_init(
+        ctx,
+        lambda d: load_checkpoint(ctx, d, engines={"generator": engine}, files={"ema": ema}, stream=stream),
+        lambda: None,
+    )
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    step_cfg = RegressConfig.model_validate(sec.model_dump(include=set(RegressConfig.model_fields)))
+    codebook = teacher.codebook.float()
+
+    def save(step: int) -> None:
+        save_checkpoint(ctx, step, engines={"generator": engine}, files={"ema": ema}, stream=stream,
+                        state={"step": step})  # fmt: skip
+
+    engine.train()
+    for step in loop.steps():
+        acc: dict[str, Tensor] = {}
+        for _ in range(sec.grad_accum):
+            with ctx.autocast():
+                if offline:
+                    batch = next(stream)
+                    labels = batch["labels"].to(ctx.device)
+                    tokens = codebook[batch["ids"].to(ctx.device)]  # (B, N, C): F(noise), snapped
+                    m = regression_step(engine.module, engine, batch["noise"].to(ctx.device), tokens, labels)
+                else:
+                    labels = torch.randint(teacher.num_classes, (spec.micro_batch,), generator=ctx.rng,
+                                           device=ctx.device)  # fmt: skip
+                    m = onpolicy_regression_step(engine.module, engine, teacher, labels, step_cfg, rng=ctx.rng,
+                                                 reference=reference)  # fmt: skip
+            acc = _accumulate(acc, m, sec.grad_accum)
+        with eng.gathered(engine.module, cfg.deepspeed.zero_stage):
+            decay = ema_update(ema, engine.module, step, sec.ema_max_decay)
+        loop.after(step, acc | {"lr": torch.tensor(eng.engine_lr(engine)), "ema_decay": torch.tensor(decay)}, save)
+    loop.close()
+    if stream is not None:
+        _finish_stream(stream)
+
+
+def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None, warm_start: Path | None = None):
+    """(generator, guidance, ema) before the engines: from model A (gts) or from a csd/align checkpoint; with
+    `warm_start` (a regress stage folder, fresh runs only) the generator and its EMA start from its EMA generator."""
     cfg = ctx.cfg
     base = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
-    generator = OneStepGenerator.from_ar_diffusion(base)
+    generator = OneStepGenerator.from_ar_diffusion(base, **onestep_options(cfg.onestep, teacher.codebook))
     guidance = base
     ema = None
     if init_from is not None:
@@ -562,8 +769,17 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None)
                 ema = copy.deepcopy(generator)
                 ema.load_state_dict(module_weights(step_dir, "ema"))
         logger.info("initialised from %s (%s)", step_dir, sorted(modules))
-        for model in (generator.model, guidance, *([ema.model] if ema is not None else [])):
-            restore_frozen_tokenizer(model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
+    if warm_start is not None:
+        warm_dir = resolve_checkpoint(warm_start)
+        warm_modules = read_manifest(warm_dir)["modules"]
+        if "ema" not in warm_modules or "guidance" in warm_modules:
+            raise ConfigError(f"csd.warm_start: {warm_dir} holds {sorted(warm_modules)}; expected a regress stage "
+                              "checkpoint (generator and ema)")  # fmt: skip
+        generator.load_state_dict(module_weights(warm_dir, "ema"))
+        ema = None
+        logger.info("generator warm-started from the EMA generator of %s", warm_dir)
+    for model in (generator.model, guidance, *([ema.model] if ema is not None else [])):
+        restore_frozen_tokenizer(model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
     if cfg.csd.guidance_residual and (init_from is None or "model" in modules):
         start_residual_guidance(guidance)  # psi = teacher + residual (from A: the residual starts at zero)
     if ema is None:
@@ -578,7 +794,13 @@ def run_csd(ctx: StageContext) -> None:
     _seed_models(cfg, ctx.stage)
     teacher = _teacher(ctx)
     resuming = _latest(ctx) is not None
-    generator, guidance, ema = _csd_networks(ctx, teacher, None if resuming else default_input(cfg, "csd"))
+    generator, guidance, ema = _csd_networks(
+        ctx,
+        teacher,
+        None if resuming else default_input(cfg, "csd"),
+        None if resuming else default_input(cfg, "csd-warm"),
+    )
+    reference = _reference_model(ctx, teacher, sec.align_weight)
     _place_teacher(ctx, teacher)
     gen_engine = _engine(ctx, generator, _spec(ctx, sec.generator, sec.batch_size, sec.grad_accum), "generator")
     gui_engine = _engine(ctx, guidance, _spec(ctx, sec.guidance, sec.batch_size, sec.grad_accum), "guidance")
@@ -619,8 +841,9 @@ def run_csd(ctx: StageContext) -> None:
         for _ in range(sec.grad_accum):
             with ctx.autocast():
                 m = generator_step(
-                    gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng
-                )
+                    gen_engine.module, gen_engine, gui_engine.module, teacher, labels(), step_cfg, rng=ctx.rng,
+                    step=step, reference=reference,
+                )  # fmt: skip
             gen_acc = _accumulate(gen_acc, m, sec.grad_accum)
         with eng.gathered(gen_engine.module, cfg.deepspeed.zero_stage):
             decay = ema_update(ema, gen_engine.module, step, sec.ema_max_decay)
@@ -704,6 +927,8 @@ STAGES.update(
         "adapt": run_adapt,
         "gen-data": run_gen_data,
         "gts": run_gts,
+        "gen-pairs": run_gen_pairs,
+        "regress": run_regress,
         "csd": run_csd,
         "align": run_align,
         "export": run_export,
