@@ -7,11 +7,7 @@ teacher's NLL of its samples), that its recall stays above a floor that a collap
 repeated) fails, that a second run reuses every finished step, and that the exported pipeline loads and samples in a
 fresh virtual environment where only dd2-core is installed (dd2_teachers, dd2_train, dd2_eval are not importable).
 
-Fresh-venv method: `venv` without pip (seconds), dd2-core built as a wheel from the repo and installed into it with
-this venv's pip (`pip --python`), and its third-party dependencies made visible through one .pth line pointing at a
-folder of symlinks to exactly the distributions in dd2-core's declared dependency closure (torch, numpy, einops,
-pydantic, safetensors, pillow and what they require), taken from this venv: no network, no second copy of torch,
-and nothing else of this venv (no dd2 package, no deepspeed) on the new interpreter's path.
+The fresh venv is the `core_only_venv` fixture of tests/conftest.py.
 """
 
 import json
@@ -19,8 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import venv
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -107,62 +101,11 @@ def test_second_run_reuses_every_step(demo):
     assert "| DD2 one-step |" in demo["second"].stdout  # the table is printed again
 
 
-def _requirement_names(dist: metadata.Distribution) -> list[str]:
-    """Names of a distribution's unconditional requirements (no extras; environment markers evaluated)."""
-    from packaging.requirements import Requirement
-
-    names = []
-    for text in dist.requires or []:
-        req = Requirement(text)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            names.append(req.name)
-    return names
-
-
-def _dependency_closure(root: str) -> list[metadata.Distribution]:
-    """`root`'s installed requirements, recursively (not `root` itself)."""
-    seen: dict[str, metadata.Distribution] = {}
-    todo = _requirement_names(metadata.distribution(root))
-    while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if name in seen:
-            continue
-        seen[name] = dist = metadata.distribution(name)
-        todo += _requirement_names(dist)
-    return list(seen.values())
-
-
-def _link_distributions(dists: list[metadata.Distribution], folder: Path) -> None:
-    """Symlink each distribution's top-level files and folders (and its .dist-info) into `folder`."""
-    folder.mkdir()
-    for dist in dists:
-        site = Path(dist.locate_file(""))
-        tops = {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
-        for top in tops:
-            if top in ("__pycache__",) or top.endswith(".pth"):
-                continue
-            target = folder / top
-            if (site / top).exists() and not target.exists():
-                target.symlink_to(site / top)
-
-
 @pytest.mark.slow
-def test_pipeline_loads_with_dd2_core_alone(demo, tmp_path):
+def test_pipeline_loads_with_dd2_core_alone(demo, core_only_venv, tmp_path):
     pipeline = demo["out"] / "pipeline"
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
+    env_dir = core_only_venv  # tests/conftest.py: dd2-core installed alone
     py = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())  # fmt: skip
-    deps = tmp_path / "deps"
-    _link_distributions(_dependency_closure("dd2-core"), deps)
-    (site / "dd2_core_deps.pth").write_text(f"{deps}\n")
-    wheels = tmp_path / "wheels"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT / "packages" / "dd2-core"],
-                   check=True)  # fmt: skip
-    wheel = next(wheels.glob("dd2_core-*.whl"))
-    subprocess.run([*pip, "--python", py, "install", "--no-deps", "--no-index", wheel], check=True)
     script = f"""
 import importlib.util, json, sys
 from pathlib import Path

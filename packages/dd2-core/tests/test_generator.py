@@ -118,3 +118,34 @@ def test_ar_diffusion_sampler_power_grid_and_snapping():
     codebook = torch.randn(6, 3)
     snapped = model.sample(labels, steps=4, noise=noise, snap_codebook=codebook)
     assert all(any(torch.equal(tok, c) for c in codebook) for tok in snapped.reshape(-1, 3))
+
+
+def test_var_generator_reads_noise_of_earlier_scales_and_its_own_token_only():
+    """d q_i / d eps_j of a tiny VAR generator (float64 Jacobian): zero for j in a later scale than i, and for j != i
+    in i's own scale (the head reads eps_i only, the backbone only earlier scales); nonzero for j = i and for every
+    j in an earlier scale (the f_hat of earlier scales' noise is the next scale's input)."""
+    from dd2_core.models.var import VARBackbone, VARBackboneConfig, VARConfig
+    from dd2_core.teacher import group_index
+
+    torch.manual_seed(0)
+    vc = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=3, vocab_size=8, token_dim=3, patch_nums=(1, 2, 3))
+    bb = VARBackbone(VARBackboneConfig(var=vc))
+    for blk in bb.var.blocks:  # visible gates: VAR's init scales them by 1e-2
+        nn.init.normal_(blk.ada_lin[1].weight, std=0.1)
+    head = VelocityHead(HeadConfig(token_dim=3, cond_dim=32, width=32, depth=2))
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.2)
+    gen = OneStepGenerator(ARDiffusion(bb, head)).double()
+    n, c = vc.num_tokens, vc.token_dim
+    labels = torch.tensor([2])
+    eps = torch.randn(1, n, c, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda e: gen(e, labels), eps)  # (1, N, C, 1, N, C)
+    dep = jac[0, :, :, 0].abs().amax(dim=(1, 3))  # (N, N): max |d q_i / d eps_j| over channels
+    scale = group_index(vc.token_groups)  # (N,)
+    later = scale.view(1, n) > scale.view(n, 1)
+    same_other = (scale.view(1, n) == scale.view(n, 1)) & ~torch.eye(n, dtype=torch.bool)
+    earlier = scale.view(1, n) < scale.view(n, 1)
+    assert dep[later].max() == 0, "a token depends on noise of a later scale"
+    assert dep[same_other].max() == 0, "a token depends on the noise of another token of its own scale"
+    assert dep.diagonal().min() > 1e-3
+    assert dep[earlier].min() > 1e-8, "a token ignores the noise of an earlier scale"

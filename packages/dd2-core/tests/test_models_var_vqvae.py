@@ -133,5 +133,7 @@ def test_bad_inputs_give_clear_errors():
         vq.encode_ids(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="strictly increasing"):
         VARVQVAEConfig(patch_nums=(1, 3, 2))
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of norm_groups=32"):
         VARVQVAEConfig(ch=48)
+    small = VARVQVAE(VARVQVAEConfig(ch=16, ch_mult=(1, 2), norm_groups=8, vocab_size=16, token_dim=4))
+    assert small.encoder.norm_out.num_groups == 8 and small.decoder.up[0].block[0].norm1.num_groups == 8

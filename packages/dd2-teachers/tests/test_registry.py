@@ -12,14 +12,19 @@ from dd2_core.errors import CheckpointError, DD2ValueError
 from dd2_core.logits import SamplingPolicy
 from dd2_core.models.llamagen import LlamaGen, LlamaGenConfig
 from dd2_core.models.llamagen_vq import LlamaGenVQ, VQConfig
+from dd2_core.models.var import VAR, VARConfig
+from dd2_core.models.var_vqvae import VARVQVAE, VARVQVAEConfig
 from dd2_teachers.llamagen import LlamaGenTeacher, LlamaGenTeacherConfig
 from dd2_teachers.registry import TeacherFileError, TeacherRefError, load_teacher
 from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig
+from dd2_teachers.var import VARTeacher, VARTeacherConfig
 
 VQ = VQConfig(codebook_size=16, codebook_dim=4, z_channels=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
               codebook_used_size=0)  # fmt: skip
 GPT = LlamaGenConfig(n_layer=1, dim=16, n_head=2, vocab_size=16, num_classes=3, grid=4, multiple_of=8)
 POLICY = SamplingPolicy(cfg_scale=1.5, temperature=0.9, top_k=6)
+TINY_VAR = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=3, vocab_size=16, token_dim=4, patch_nums=(1, 2))
+TINY_VQVAE = VARVQVAEConfig(vocab_size=16, token_dim=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2))
 
 
 def _json(ref: dict) -> dict:
@@ -77,6 +82,37 @@ def test_custom_llamagen_teacher_is_rebuilt(llamagen_ref):
     assert load_teacher(llamagen_ref, device="cpu", compile=True).cfg.compile  # compiled on first use, not here
 
 
+@pytest.fixture
+def var_ref(tmp_path) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(VAR(TINY_VAR).state_dict(), tmp_path / "var.pth")
+        torch.save(VARVQVAE(TINY_VQVAE).state_dict(), tmp_path / "vae.pth")
+    ref = {"family": "var", "size": "custom", "ckpt": str(tmp_path / "var.pth"), "vq_ckpt": str(tmp_path / "vae.pth"),
+           "var": TINY_VAR.model_dump(mode="json"), "vqvae": TINY_VQVAE.model_dump(mode="json")}  # fmt: skip
+    return _json(ref)
+
+
+def test_custom_var_teacher_is_rebuilt(var_ref):
+    cfg = VARTeacherConfig(var=TINY_VAR, vqvae=TINY_VQVAE)
+    direct = VARTeacher.from_checkpoints(cfg, var_ref["ckpt"], var_ref["vq_ckpt"])
+    teacher = load_teacher(var_ref, device="cpu")
+    assert isinstance(teacher, VARTeacher) and teacher.token_groups == (1, 4) and teacher.policy == cfg.policy
+    ids, labels = torch.randint(16, (2, 5), generator=torch.Generator().manual_seed(1)), torch.arange(2)
+    tokens = direct.embed(ids)  # (B, N, C) code vectors
+    assert torch.equal(teacher.log_probs(tokens, labels), direct.log_probs(tokens, labels))
+    g = torch.Generator().manual_seed(2)
+    assert torch.equal(teacher.sample(labels, generator=g), direct.sample(labels, generator=g.manual_seed(2)))
+    with pytest.raises(TeacherRefError, match="'vqvae': var size 'custom' needs both var and vqvae"):
+        load_teacher(var_ref | {"vqvae": None}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'var': only for var size 'custom', got size 'd16'"):
+        load_teacher(var_ref | {"size": "d16"}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'var': .*var.patch_nums and vqvae.patch_nums must agree"):
+        load_teacher(var_ref | {"var": TINY_VAR.model_dump(mode="json") | {"patch_nums": [1, 3]}}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'var': only for var teachers, got family 'llamagen'"):
+        load_teacher(var_ref | {"family": "llamagen", "size": "B"}, device="cpu")
+
+
 def test_bad_references_name_the_key(toy_ref, llamagen_ref, tmp_path):
     _, toy = toy_ref
     with pytest.raises(TeacherRefError, match=r"'family': expected one of \['toy', 'llamagen', 'var'\], got 'gpt'"):
@@ -112,7 +148,7 @@ def test_bad_references_name_the_key(toy_ref, llamagen_ref, tmp_path):
         load_teacher(llamagen_ref | {"vq_ckpt": llamagen_ref["ckpt"]}, device="cpu")
 
     var = {"family": "var", "size": "d17", "ckpt": str(tmp_path / "var.pth"), "vq_ckpt": str(tmp_path / "vae.pth")}
-    with pytest.raises(TeacherRefError, match=r"'size': var sizes are \['d16', 'd20', 'd24', 'd30'\], got 'd17'"):
+    with pytest.raises(TeacherRefError, match=r"'size': var sizes are \['d16', 'd20', 'd24', 'd30', 'custom'\]"):
         load_teacher(var, device="cpu")
     with pytest.raises(TeacherFileError, match="'ckpt': no such file .*var.pth"):
         load_teacher(var | {"size": "d16"}, device="cpu")

@@ -140,3 +140,23 @@ def test_bad_inputs_give_clear_errors(files):
         teacher.log_probs(tokens, torch.tensor([0, 1, 2]))
     with pytest.raises(DD2ValueError, match=r"ids: expected values in \[0, 63\]"):
         teacher.embed(torch.full((1, 30), 64))
+
+
+def test_log_probs_condition_on_earlier_scales_only(files):
+    """The CSD / GTS conditioning unit is the previous scales: with VAR's policy (ramped CFG, top-k, top-p), moving the
+    continuous tokens of scale k changes no row of scales <= k and changes the rows of scale k + 1."""
+    from dd2_core.teacher import group_slices
+
+    teacher = VARTeacher.from_checkpoints(golden_config(files["g"]), files["var"], files["vae"])
+    assert teacher.policy.cfg_schedule == "ramp" and teacher.policy.uses_cfg
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1, 7])
+    tokens = torch.randn(2, teacher.num_tokens, teacher.codebook.shape[1], generator=g)
+    base = teacher.log_probs(tokens, labels)
+    slices = group_slices(teacher.token_groups)
+    for k, sl in enumerate(slices[:-1]):
+        moved = tokens.clone()
+        moved[:, sl] += torch.randn(moved[:, sl].shape, generator=g)
+        lp = teacher.log_probs(moved, labels)
+        assert torch.equal(lp[:, : sl.stop], base[:, : sl.stop]), f"scale {k} leaked into scales <= {k}"
+        assert not torch.equal(lp[:, slices[k + 1]], base[:, slices[k + 1]]), f"scale {k + 1} ignores scale {k}"

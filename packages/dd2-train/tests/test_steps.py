@@ -179,6 +179,11 @@ def test_ema_progressive_rule():
     a0 = a.weight.detach().clone()
     d = ema_update(a, b, step=8)
     torch.testing.assert_close(a.weight, d * a0 + (1 - d) * b.weight)
+    # a frozen parameter (VAR's phi convs) keeps the EMA's copy: on bf16 runs the model's is a rounding of it
+    b.bias.requires_grad_(False)
+    bias = a.bias.detach().clone()
+    ema_update(a, b.bfloat16(), step=9)
+    assert torch.equal(a.bias, bias) and not torch.equal(a.weight, a0)
 
 
 def test_configs_reject_bad_values():

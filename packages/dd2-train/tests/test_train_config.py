@@ -144,6 +144,22 @@ def test_teacher_mismatches_name_the_field(tmp_path, toy_teacher):
     assert "stage" in _error(_toy(tmp_path, toy_teacher, stage="[csd,gts]"))
 
 
+def test_custom_var_teacher_takes_sizes_and_the_d16_preset(tmp_path):
+    var = {"depth": 2, "embed_dim": 32, "num_heads": 2, "vocab_size": 16, "token_dim": 4, "patch_nums": [1, 2, 3]}
+    vqvae = {"vocab_size": 16, "token_dim": 4, "ch": 32, "ch_mult": [1, 1], "patch_nums": [1, 2, 3]}
+    teacher = {"family": "var", "size": "custom", "ckpt": "v.pth", "vq_ckpt": "q.pth", "var": var, "vqvae": vqvae}
+    raw = {"run_dir": str(tmp_path), "stage": "gts", "recipe": "paper", "teacher": teacher}
+    cfg = validate_config(raw)
+    assert cfg.teacher.var.token_groups == (1, 4, 9) and cfg.teacher.vqvae.ch_mult == (1, 1)
+    assert paper_defaults("var", "custom") == paper_defaults("var", "d16")  # [inferred]: the smallest released VAR
+    assert (cfg.gts.steps, cfg.csd.guidance_updates, cfg.teacher.policy.top_k) == (330_000, 5, 900)
+    assert "var size 'custom' needs both" in _error(raw | {"teacher": teacher | {"vqvae": None}})
+    assert "var.patch_nums must equal vqvae.patch_nums" in _error(
+        raw | {"teacher": teacher | {"vqvae": vqvae | {"patch_nums": [1, 2, 4]}}}
+    )
+    assert "only for var size 'custom'" in _error(raw | {"teacher": teacher | {"size": "d16"}})
+
+
 def test_check_config_names_missing_paths_and_batch_split(tmp_path, toy_teacher):
     cfg = validate_config(_toy(tmp_path, toy_teacher, **{"teacher.ckpt": str(tmp_path / "nope"), "stage": "csd"}))
     with pytest.raises(ConfigError) as e:

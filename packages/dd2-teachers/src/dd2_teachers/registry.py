@@ -6,12 +6,13 @@ dd2-eval times a teacher's AR sampler without importing dd2-teachers):
 
     family        toy | llamagen | var
     size          toy: 'toy' (optional); llamagen: B, L, XL, XXL, 3B (GPT-B.., 256 px) or custom;
-                  var: d16, d20, d24, d30
+                  var: d16, d20, d24, d30 or custom
     ckpt          toy: folder written by ToyTeacher.save; llamagen: GPT .pt/.safetensors (an adapted one holds
                   cont_embed.*); var: var_dNN.pth
     vq_ckpt       llamagen: the VQ tokenizer (vq_ds16_c2i.pt); var: vae_ch160v4096z32.pth; toy: none
     policy        optional SamplingPolicy fields; missing or null = the family's default
     gpt, vq       llamagen size 'custom' only: LlamaGenConfig and VQConfig fields
+    var, vqvae    var size 'custom' only: VARConfig and VARVQVAEConfig fields (tests, the VAR demo)
     sample_input  llamagen only, optional: 'ids' (default) or 'codes'
 
 Other keys (`source_checkpoint`, `weights`, ...) are informational and ignored. Errors name the key: a missing or
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("toy", "llamagen", "var")
 COMPILED_FAMILIES = ("llamagen", "var")  # families with a compiled decode step (`compile=True`)
 LLAMAGEN_SIZES = {"B": "GPT-B", "L": "GPT-L", "XL": "GPT-XL", "XXL": "GPT-XXL", "3B": "GPT-3B"}
-VAR_SIZES = ("d16", "d20", "d24", "d30")
+VAR_SIZES = ("d16", "d20", "d24", "d30", "custom")
 _VAR_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -86,6 +87,10 @@ def load_teacher(
         for key in ("gpt", "vq", "sample_input"):
             if ref.get(key) is not None:
                 raise TeacherRefError(key, f"only for llamagen teachers, got family {family!r}")
+    if family != "var":
+        for key in ("var", "vqvae"):
+            if ref.get(key) is not None:
+                raise TeacherRefError(key, f"only for var teachers, got family {family!r}")
     policy = _model(SamplingPolicy, ref, "policy")
     device = torch.device(device)
     if family == "toy":
@@ -168,7 +173,9 @@ def _var(
     dtype: torch.dtype | None,
     compile: bool,
 ) -> nn.Module:
-    from dd2_teachers.var import VARTeacher, var_teacher_config
+    from dd2_core.models.var import VARConfig
+    from dd2_core.models.var_vqvae import VARVQVAEConfig
+    from dd2_teachers.var import VARTeacher, VARTeacherConfig, var_teacher_config
 
     size = _required(ref, "size")
     if size not in VAR_SIZES:
@@ -178,7 +185,19 @@ def _var(
         if dtype not in _VAR_DTYPES:
             raise DD2ValueError(f"dtype: the VAR teacher runs in {list(_VAR_DTYPES.values())}, got {dtype}")
         overrides["dtype"] = _VAR_DTYPES[dtype]
-    cfg = var_teacher_config(int(size[1:]), **overrides)
+    if size == "custom":
+        var, vqvae = _model(VARConfig, ref, "var"), _model(VARVQVAEConfig, ref, "vqvae")
+        if var is None or vqvae is None:
+            raise TeacherRefError("var" if var is None else "vqvae", "var size 'custom' needs both var and vqvae sizes")
+        try:
+            cfg = VARTeacherConfig(var=var, vqvae=vqvae, **overrides)
+        except ValidationError as e:
+            raise TeacherRefError("var", _validation_message(e)) from e
+    else:
+        for key in ("var", "vqvae"):
+            if ref.get(key) is not None:
+                raise TeacherRefError(key, f"only for var size 'custom', got size {size!r}")
+        cfg = var_teacher_config(int(size[1:]), **overrides)
     var_path, vae_path = _file(ref, "ckpt", "the VAR checkpoint"), _file(ref, "vq_ckpt", "the VQVAE checkpoint")
     return VARTeacher.from_checkpoints(cfg, var_path, vae_path, device=device)
 

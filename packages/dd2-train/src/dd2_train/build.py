@@ -72,6 +72,8 @@ def teacher_ref(spec: TeacherSpec, run_dir: Path) -> dict[str, Any]:
         ref["sample_input"] = spec.sample_input
         if spec.size == "custom":
             ref["gpt"], ref["vq"] = spec.gpt.model_dump(mode="json"), spec.vq.model_dump(mode="json")
+    if spec.family == "var" and spec.size == "custom":
+        ref["var"], ref["vqvae"] = spec.var.model_dump(mode="json"), spec.vqvae.model_dump(mode="json")
     return ref
 
 
@@ -113,6 +115,19 @@ def build_ar_diffusion(teacher: nn.Module, spec: TeacherSpec, head: HeadSpec) ->
     backbone = backbone.to(device=device, dtype=torch.float32)
     cfg = HeadConfig(token_dim=backbone.token_dim, cond_dim=backbone.feature_dim, width=head.width, depth=head.depth)
     return ARDiffusion(backbone, VelocityHead(cfg).to(device))
+
+
+@torch.no_grad()
+def restore_frozen_tokenizer(model: ARDiffusion, teacher: nn.Module, spec: TeacherSpec) -> ARDiffusion:
+    """VAR: copy the VQVAE's phi convs into the backbone's frozen copy again, exactly (fp32). Other families: no-op.
+
+    The backbone builds the next-scale inputs with the tokenizer's phi convs, which must stay equal to the decoder's.
+    They are never trained, so a DeepSpeed checkpoint holds them only in the engine module's dtype (bf16 on bf16
+    runs: fp32 master weights exist for trainable parameters only); call this after loading weights from one.
+    """
+    if spec.family == "var":
+        model.backbone.phi.load_state_dict(teacher.vqvae.phi.state_dict(), strict=True)
+    return model
 
 
 def onestep_options(spec: OneStepSpec, codebook: Tensor) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from dd2_core.errors import DD2Error
 from dd2_core.logits import SamplingPolicy
 from dd2_core.models.llamagen import LlamaGenConfig
 from dd2_core.models.llamagen_vq import VQConfig
+from dd2_core.models.var import VARConfig
+from dd2_core.models.var_vqvae import VARVQVAEConfig
 from dd2_train.steps import CSDConfig, GTSConfig, RegressConfig
 
 Family = Literal["toy", "llamagen", "var"]
@@ -39,7 +41,7 @@ Recipe = Literal["recommended", "paper"]
 SIZES: dict[str, tuple[str, ...]] = {
     "toy": ("toy",),
     "llamagen": ("B", "L", "XL", "XXL", "3B", "custom"),
-    "var": ("d16", "d20", "d24", "d30"),
+    "var": ("d16", "d20", "d24", "d30", "custom"),
 }
 
 
@@ -57,7 +59,9 @@ class TeacherSpec(_Strict):
 
     family: Family = Field(..., description="toy | llamagen | var")
     size: str = Field(
-        ..., description="toy: 'toy'; llamagen: B, L, XL, XXL, 3B or custom (teacher.gpt + teacher.vq); var: d16-d30"
+        ...,
+        description="toy: 'toy'; llamagen: B, L, XL, XXL, 3B or custom (teacher.gpt + teacher.vq); var: d16-d30 or "
+        "custom (teacher.var + teacher.vqvae)",
     )
     ckpt: Path = Field(..., description="toy: folder written by ToyTeacher.save; llamagen: GPT .pt; var: var_dNN.pth")
     vq_ckpt: Path | None = Field(None, description="VQ tokenizer weights (tokenize, export decoder); not for toy")
@@ -68,6 +72,8 @@ class TeacherSpec(_Strict):
     shard: bool = Field(False, description="partition the frozen teacher with ZeRO-3 instead of replicating it")
     gpt: LlamaGenConfig | None = Field(None, description="llamagen size 'custom': the GPT's sizes (n_layer, dim, ...)")
     vq: VQConfig | None = Field(None, description="llamagen size 'custom': the VQ tokenizer's sizes")
+    var: VARConfig | None = Field(None, description="var size 'custom': the VAR transformer's sizes")
+    vqvae: VARVQVAEConfig | None = Field(None, description="var size 'custom': the multi-scale VQVAE's sizes")
     sample_input: Literal["ids", "codes"] | None = Field(
         None,
         description="llamagen: inputs of the AR sampler, 'ids' (token table, the released teacher) or 'codes' "
@@ -101,6 +107,19 @@ class TeacherSpec(_Strict):
             )
         if self.family != "llamagen" and self.sample_input is not None:
             raise ValueError(f"sample_input: only for llamagen teachers, got family {self.family!r}")
+        return self._var_sizes()
+
+    def _var_sizes(self) -> TeacherSpec:
+        custom = self.family == "var" and self.size == "custom"
+        if custom and (self.var is None or self.vqvae is None):
+            raise ValueError("var, vqvae: var size 'custom' needs both teacher.var and teacher.vqvae sizes")
+        if not custom and (self.var is not None or self.vqvae is not None):
+            raise ValueError(f"var, vqvae: only for var size 'custom', got {self.family} size {self.size!r}")
+        if custom:
+            for name in ("vocab_size", "token_dim", "patch_nums"):
+                a, b = getattr(self.var, name), getattr(self.vqvae, name)
+                if a != b:
+                    raise ValueError(f"var.{name} must equal vqvae.{name}, got {a} and {b}")
         return self
 
 
@@ -452,6 +471,7 @@ def paper_defaults(family: str, size: str) -> dict:
             _csd(15_000, 1024, 32, 2, 4e-4, 5e-5, 20_000),
         ),
     }  # d30 is not in the paper: d24's settings [inferred]
+    var["custom"] = var["d16"]  # a custom (small) VAR: the smallest released model's settings [inferred]
     gts, csd = var[size]
     return {
         "teacher": {"policy": policy},

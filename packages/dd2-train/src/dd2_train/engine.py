@@ -185,6 +185,8 @@ def build_engine(module: nn.Module, spec: EngineSpec):
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"build_engine: {type(module).__name__} has no trainable parameter")
+    if spec.zero_stage == 3:
+        register_child_parameters(module)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=params, config=deepspeed_config(spec), dist_init_required=False
     )
@@ -207,6 +209,7 @@ def shard_frozen(module: nn.Module, *, precision: str, world_size: int):
 
     module.requires_grad_(False)
     module.eval()
+    register_child_parameters(module)
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "train_batch_size": world_size,
@@ -217,6 +220,25 @@ def shard_frozen(module: nn.Module, *, precision: str, world_size: int):
     engine, _, _, _ = deepspeed.initialize(model=module, config=cfg, dist_init_required=False)
     engine.eval()
     return engine
+
+
+def register_child_parameters(module: nn.Module) -> int:
+    """ZeRO-3: let every module read its direct children's own parameters in its forward (returns how many).
+
+    ZeRO-3 gathers a module's own parameters only around that module's forward. Some model code reads a child's
+    weight itself (VAR's attention: F.linear(x, self.mat_qkv.weight, bias); VARBackbone: the VAR module's
+    pos_start and pos_1LC via `var.features`), and the step functions call the models' methods, not the engine,
+    so DeepSpeed's automatic discovery of such parameters is off: register them as external parameters instead.
+    """
+    import deepspeed
+
+    n = 0
+    for parent in module.modules():
+        for child in parent.children():
+            for p in child.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(parent, p)
+                n += 1
+    return n
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dd2_core.pipeline import OneStepPipeline
-from dd2_train.build import build_generator, teacher_from_ref, teacher_ref
+from dd2_train.build import build_generator, restore_frozen_tokenizer, teacher_from_ref, teacher_ref
 from dd2_train.checkpoint import module_weights, read_manifest
 from dd2_train.config import ConfigError, TrainConfig
 
@@ -44,6 +44,7 @@ def export_pipeline(cfg: TrainConfig, step_dir: Path, out: Path, *, device: torc
     teacher = teacher_from_ref(ref, cfg.teacher, device=torch.device(device), dtype=torch.float32)
     generator = build_generator(teacher, cfg.teacher, cfg.head, cfg.onestep)
     generator.load_state_dict(_generator_weights(step_dir, cfg.export.use_ema))
+    restore_frozen_tokenizer(generator.model, teacher, cfg.teacher)  # VAR: the decoder's phi convs, exactly
     backbone = generator.backbone
     if cfg.teacher.family == "toy":
         family, backbone_cfg, decoder, decoder_name, decoder_cfg = "transformer", backbone.cfg, None, "none", None

@@ -394,10 +394,14 @@ def ema_decay(step: int, max_decay: float = 0.9999) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, step: int, max_decay: float = 0.9999) -> float:
-    """ema <- d * ema + (1 - d) * model for parameters (buffers copied); returns d."""
+    """ema <- d * ema + (1 - d) * model for trained parameters (buffers copied); returns d.
+
+    Frozen parameters (VAR's phi convs) keep the EMA's own copy: the model's may be a bf16 rounding of them.
+    """
     d = ema_decay(step, max_decay)
     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(pm.to(pe.dtype), 1 - d)
+        if pm.requires_grad:
+            pe.lerp_(pm.to(pe.dtype), 1 - d)
     for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(bm)
     return d

@@ -47,6 +47,7 @@ from dd2_train.build import (
     build_generator,
     build_teacher,
     onestep_options,
+    restore_frozen_tokenizer,
     save_adapted_teacher,
 )
 from dd2_train.checkpoint import (
@@ -259,13 +260,21 @@ def _place_teacher(ctx: StageContext, teacher: nn.Module, *, teacher_forced: boo
         cfg.teacher.family
     ]
     if cfg.teacher.shard:
-        ctx.extra["teacher_engine"] = eng.shard_frozen(net, precision=ctx.precision, world_size=ctx.dist.world_size)
+        target = _shard_target(cfg.teacher.family, net)
+        ctx.extra["teacher_engine"] = eng.shard_frozen(target, precision=ctx.precision, world_size=ctx.dist.world_size)
         logger.info("teacher: ZeRO-3 partitioned over %d ranks", ctx.dist.world_size)
     elif ctx.precision == "bf16" and cfg.teacher.family != "toy":
         net.to(torch.bfloat16)  # runs under autocast; logits and log-probs are computed in fp32
     if cfg.deepspeed.compile and teacher_forced:
         n = eng.compile_regions(net, backend=cfg.deepspeed.compile_backend)
         logger.info("teacher: torch.compile (%s) on %d blocks", cfg.deepspeed.compile_backend, n)
+
+
+def _shard_target(family: str, net: nn.Module) -> nn.Module:
+    """What ZeRO-3 partitions of a frozen teacher. VAR: its blocks only (nearly all its weights); the VAR module's
+    own parameters (pos_start, pos_1LC) are read by the KV-cached sampler and the teacher-forced pass outside any
+    forward of that module, where ZeRO-3 would not gather them, so they stay replicated with the embeddings."""
+    return net.blocks if family == "var" else net
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -615,6 +624,7 @@ def _reference_model(ctx: StageContext, teacher: nn.Module, align_weight: float)
         raise ConfigError(f"align_weight: needs model A from a gts stage; {step_dir} holds no 'model'")
     reference = build_ar_diffusion(teacher, cfg.teacher, cfg.head)
     reference.load_state_dict(module_weights(step_dir, "model"))
+    restore_frozen_tokenizer(reference, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
     return eng.freeze(reference, device=ctx.device)
 
 
@@ -688,6 +698,7 @@ def run_regress(ctx: StageContext) -> None:
             raise ConfigError(f"regress.init_from: {step_dir} holds {sorted(modules)}; expected a gts stage "
                               "checkpoint (model A)")  # fmt: skip
         generator.model.load_state_dict(module_weights(step_dir, "model"))
+        restore_frozen_tokenizer(generator.model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
         logger.info("generator initialised from model A of %s", step_dir)
     ema = copy.deepcopy(generator).requires_grad_(False).eval()
     reference = _reference_model(ctx, teacher, sec.align_weight)
@@ -767,6 +778,8 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None,
         generator.load_state_dict(module_weights(warm_dir, "ema"))
         ema = None
         logger.info("generator warm-started from the EMA generator of %s", warm_dir)
+    for model in (generator.model, guidance, *([ema.model] if ema is not None else [])):
+        restore_frozen_tokenizer(model, teacher, cfg.teacher)  # VAR's phi convs: fp32, the decoder's
     if cfg.csd.guidance_residual and (init_from is None or "model" in modules):
         start_residual_guidance(guidance)  # psi = teacher + residual (from A: the residual starts at zero)
     if ema is None:

@@ -120,13 +120,14 @@ class VARVQVAEConfig(BaseModel):
 
     vocab_size: int = Field(4096, ge=2, description="V, codebook size")
     token_dim: int = Field(32, ge=1, description="Cvae = z_channels, dimension of a code vector")
-    ch: int = Field(160, ge=32, description="base channel count of encoder and decoder")
+    ch: int = Field(160, ge=1, description="base channel count of encoder and decoder")
     ch_mult: tuple[int, ...] = Field((1, 1, 2, 2, 4), min_length=1, description="channel multiplier per level")
     num_res_blocks: int = Field(2, ge=1, description="res-blocks per encoder level (the decoder has one more)")
     num_phi: int = Field(4, ge=2, description="share_quant_resi: partially shared phi convs (1 and 0 not supported)")
     phi_ratio: float = Field(0.5, gt=0.0, le=1.0, description="quant_resi: phi(h) = (1 - r) h + r conv(h)")
     patch_nums: tuple[int, ...] = Field(VAR_PATCH_NUMS, description="side of every scale; the last is the latent H")
     in_channels: int = Field(3, ge=1, description="image channels")
+    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (released: 32); channel counts are multiples")
 
     @field_validator("patch_nums")
     @classmethod
@@ -135,10 +136,11 @@ class VARVQVAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _group_norm(self) -> VARVQVAEConfig:
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
         if bad:
             raise ValueError(
-                f"ch * ch_mult must be multiples of 32 (GroupNorm groups), got ch={self.ch}, ch_mult={self.ch_mult}"
+                f"ch * ch_mult must be multiples of norm_groups={self.norm_groups} (GroupNorm groups), got "
+                f"ch={self.ch}, ch_mult={self.ch_mult}"
             )
         return self
 
@@ -152,16 +154,16 @@ class VARVQVAEConfig(BaseModel):
         return self.patch_nums[-1] * 2 ** (len(self.ch_mult) - 1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = _norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
-        self.norm2 = _norm(c_out)
+        self.norm2 = _norm(c_out, groups)
         self.conv2 = nn.Conv2d(c_out, c_out, kernel_size=3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
 
@@ -174,9 +176,9 @@ class _ResBlock(nn.Module):
 class _AttnBlock(nn.Module):
     """Single-head self-attention over pixels with a fused 1x1 qkv conv (channels q | k | v)."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _norm(c, groups)
         self.qkv = nn.Conv2d(c, 3 * c, kernel_size=1)
         self.proj_out = nn.Conv2d(c, c, kernel_size=1)
 
@@ -208,10 +210,12 @@ class _Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution: res-blocks, attention after each block (lowest resolution only), optional resampling."""
 
-    def __init__(self, c_in: int, c_out: int, num_blocks: int, attn: bool, resample: type[nn.Module] | None):
+    def __init__(
+        self, c_in: int, c_out: int, num_blocks: int, attn: bool, resample: type[nn.Module] | None, groups: int
+    ):
         super().__init__()
-        self.block = nn.ModuleList(_ResBlock(c_in if i == 0 else c_out, c_out) for i in range(num_blocks))
-        self.attn = nn.ModuleList(_AttnBlock(c_out) for _ in range(num_blocks if attn else 0))
+        self.block = nn.ModuleList(_ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(num_blocks))
+        self.attn = nn.ModuleList(_AttnBlock(c_out, groups) for _ in range(num_blocks if attn else 0))
         if resample is _Downsample:
             self.downsample = _Downsample(c_out)
         elif resample is _Upsample:
@@ -230,11 +234,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.block_1 = _ResBlock(c, c)
-        self.attn_1 = _AttnBlock(c)
-        self.block_2 = _ResBlock(c, c)
+        self.block_1 = _ResBlock(c, c, groups)
+        self.attn_1 = _AttnBlock(c, groups)
+        self.block_2 = _ResBlock(c, c, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -248,12 +252,17 @@ class _Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList(
             _Level(
-                chans[i], chans[i + 1], cfg.num_res_blocks, attn=i == last, resample=None if i == last else _Downsample
+                chans[i],
+                chans[i + 1],
+                cfg.num_res_blocks,
+                attn=i == last,
+                resample=None if i == last else _Downsample,
+                groups=cfg.norm_groups,
             )
             for i in range(len(cfg.ch_mult))
         )
-        self.mid = _Mid(chans[-1])
-        self.norm_out = _norm(chans[-1])
+        self.mid = _Mid(chans[-1], cfg.norm_groups)
+        self.norm_out = _norm(chans[-1], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chans[-1], cfg.token_dim, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -269,7 +278,7 @@ class _Decoder(nn.Module):
         outs = [cfg.ch * m for m in cfg.ch_mult]
         last = len(cfg.ch_mult) - 1
         self.conv_in = nn.Conv2d(cfg.token_dim, outs[-1], kernel_size=3, padding=1)
-        self.mid = _Mid(outs[-1])
+        self.mid = _Mid(outs[-1], cfg.norm_groups)
         # up[0] is the highest resolution; level i receives the channels of level i + 1 (the mid block for the last)
         self.up = nn.ModuleList(
             _Level(
@@ -278,10 +287,11 @@ class _Decoder(nn.Module):
                 cfg.num_res_blocks + 1,
                 attn=i == last,
                 resample=None if i == 0 else _Upsample,
+                groups=cfg.norm_groups,
             )
             for i in range(len(cfg.ch_mult))
         )
-        self.norm_out = _norm(outs[0])
+        self.norm_out = _norm(outs[0], cfg.norm_groups)
         self.conv_out = nn.Conv2d(outs[0], cfg.in_channels, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
