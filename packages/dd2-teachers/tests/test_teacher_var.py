@@ -69,7 +69,11 @@ def test_golden_log_probs_equal_the_id_based_teacher(files):
         x_in = teacher.vqvae.next_scale_input(teacher.embed(ids))
         cond = teacher.var(labels, x_in)
         uncond = teacher.var(torch.full_like(labels, 10), x_in)
-    assert torch.equal(lp, policy_log_probs(cond, uncond, policy, teacher.token_groups))
+    # one batched cond+null pass vs two separate ones: equal up to the BLAS kernels' summation order, which can
+    # change with the batch shape and the number of threads (bitwise equality held on an idle machine only)
+    by_ids = policy_log_probs(cond, uncond, policy, teacher.token_groups)
+    assert torch.equal(lp.isfinite(), by_ids.isfinite())
+    torch.testing.assert_close(lp[lp.isfinite()], by_ids[lp.isfinite()], atol=1e-5, rtol=0)
     golden_lp = policy_log_probs(g["logits_cond"], g["logits_null"], policy, teacher.token_groups)
     assert torch.equal(lp.isfinite(), golden_lp.isfinite())
     torch.testing.assert_close(lp[lp.isfinite()], golden_lp[lp.isfinite()], atol=1e-5, rtol=0)
