@@ -769,7 +769,9 @@ def _csd_networks(ctx: StageContext, teacher: nn.Module, init_from: Path | None,
                 ema = copy.deepcopy(generator)
                 ema.load_state_dict(module_weights(step_dir, "ema"))
         logger.info("initialised from %s (%s)", step_dir, sorted(modules))
-    if warm_start is not None:
+    if warm_start is not None and init_from is not None and "model" not in modules:
+        logger.info("csd.warm_start ignored: %s is a csd/align checkpoint, which holds the generator", step_dir)
+    elif warm_start is not None:
         warm_dir = resolve_checkpoint(warm_start)
         warm_modules = read_manifest(warm_dir)["modules"]
         if "ema" not in warm_modules or "guidance" in warm_modules:
