@@ -29,3 +29,26 @@ def test_recommended_recipe_distils_the_joint_into_one_step(capsys):
     assert tv["recommended"] <= 0.5 * tv["set_prediction"]  # and at most half of one-step set prediction's TV
     log = result["logs"]["recommended"]
     assert log["regress"]["steps"] > 0 and log["csd"]["steps"] > 0  # both phases ran within the budget
+
+
+def test_proof_runs_on_another_teacher_with_every_method():
+    """Any ToyTeacherConfig (here V = 4 codes in 3-D, N = 3) and every method: the JSON carries each TV."""
+    cfg = ProofConfig.model_validate(
+        {
+            "teacher": {"codebook_size": 4, "token_dim": 3, "num_tokens": 3, "dim": 16, "depth": 1, "heads": 2},
+            "teacher_steps": 20,
+            "gts_steps": 10,
+            "batch": 32,
+            "budget_seconds": 0.5,
+            "pairs": 256,
+            "flow_steps": 4,
+            "eval_samples": 1000,
+            "ar_steps": 2,
+            "methods": ("paper", "recommended", "onpolicy", "regression"),
+        }
+    )
+    result = run_proof(cfg)
+    for key in ("noise_floor", "set_prediction", "paper", "recommended", "onpolicy", "regression"):
+        assert 0.0 <= result["tv"][key] <= 1.0, key
+    assert result["logs"]["regression"]["regress"]["steps"] > 0 and "pairs_seconds" in result["logs"]["regression"]
+    assert all(result["seconds"][m] >= 0.5 for m in cfg.methods)  # each used its whole CPU budget
