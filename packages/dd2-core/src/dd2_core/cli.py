@@ -51,10 +51,12 @@ def _parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dd2_core.fast import FastPathConfig
     from dd2_core.pipeline import OneStepPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = OneStepPipeline.from_pretrained(args.pipeline, device=device)
+    fast = FastPathConfig.for_device(device, backend=args.compile_backend) if args.fast else False
+    pipe = OneStepPipeline.from_pretrained(args.pipeline, device=device, fast=fast)
     if pipe.decoder is None:
         raise SystemExit(f"{args.pipeline}: this pipeline has no image decoder (decoder = 'none'); nothing to draw")
     classes = _parse_classes(args.classes, pipe.num_classes) if args.classes else list(range(min(pipe.num_classes, 10)))
@@ -75,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_png(image_grid(out.images, rows=len(classes)), args.out)
         written, target = [str(args.out)], str(args.out)
     summary = {"out": target, "files": written, "classes": classes, "images": int(labels.numel()),
-               "seconds": seconds, "device": str(device)}  # fmt: skip
+               "seconds": seconds, "device": str(device), "fast": bool(args.fast)}  # fmt: skip
     print(json.dumps(summary) if args.json else f"wrote {target}: {labels.numel()} images in {seconds:.2f} s")
     return 0
 
@@ -92,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (one row per class)")
     p.add_argument("--out-dir", type=Path, default=None, help="instead: one PNG grid per class, DIR/class_<id>.png")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast path: torch.compile of generator and decoder; on CUDA also bf16 autocast and CUDA graphs "
+                   "(dd2_core.fast); the first call compiles")  # fmt: skip
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --fast")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_sample)
     return parser
