@@ -139,3 +139,16 @@ def test_dd2_sample_fast_flag(tmp_path, capsys):
     with Image.open(tmp_path / "eager.png") as a, Image.open(tmp_path / "fast.png") as b:
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert diff.max() <= 1
+
+
+def test_device_label_check_is_a_device_side_assert():
+    """Labels already on the accelerator are range-checked by torch._assert_async (on CPU it raises at once)."""
+    from dd2_core.fast import expect_labels_async
+
+    expect_labels_async("labels", torch.tensor([0, 4]), 5)
+    with pytest.raises(RuntimeError):
+        expect_labels_async("labels", torch.tensor([0, 5]), 5)
+    with pytest.raises(DD2ValueError, match=r"expected shape \(B,\)"):
+        expect_labels_async("labels", torch.zeros(2, 2, dtype=torch.long), 5)
+    with pytest.raises(DD2ValueError, match="integer"):
+        expect_labels_async("labels", torch.zeros(2), 5)

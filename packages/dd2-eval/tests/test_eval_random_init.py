@@ -63,7 +63,7 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
     _compiled_teacher_backend_eager(monkeypatch)
     out = tmp_path / "bench"
     args = ["bench", "--random-init", "tiny-llamagen", "--device", "cpu", "--out", str(out), "--warmup", "1",
-            "--repeats", "2", "--throughput-batch", "3", "--compile-backend", "aot_eager", "--json"]  # fmt: skip
+            "--repeats", "2", "--throughput-batch", "1", "--compile-backend", "aot_eager", "--json"]  # fmt: skip
     assert cli.main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "bench.json").read_text())
@@ -94,11 +94,11 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
     assert all(set(t) == TIMING_KEYS and len(t["times_s"]) == 2 and t["median_s"] > 0 for t in timings)
     got = {(t["target"], t["mode"], t["batch_size"], t["decode"]) for t in timings}
     targets, modes = ("dd2 one-step", "teacher AR"), ("eager", "compiled")
-    assert got == {(n, m, b, d) for n in targets for m in modes for b in (1, 3) for d in (True, False)}
-    assert [t["mode"] for t in timings[:8]] == ["eager"] * 8  # every eager target before any compiled one
+    assert got == {(n, m, 1, d) for n in targets for m in modes for d in (True, False)}  # batch 1 once: 1 = 1
+    assert [t["mode"] for t in timings[:4]] == ["eager"] * 4  # every eager target before any compiled one
 
     rows = report["speedups"]
-    assert all(set(r) == SPEEDUP_KEYS for r in rows) and len(rows) == 16
+    assert all(set(r) == SPEEDUP_KEYS for r in rows) and len(rows) == 8  # decode x one-step mode x AR mode
     median = {(t["target"], t["mode"], t["batch_size"], t["decode"]): t["median_s"] for t in timings}
     for r in rows:
         one = median["dd2 one-step", r["one_step_mode"], r["batch_size"], r["decode"]]
@@ -106,6 +106,29 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
         assert r["speedup"] == pytest.approx(ar / one) and r["one_step_ms"] == pytest.approx(one * 1e3)
     with Image.open(out / "bench.png") as img:
         assert img.format == "PNG" and img.width > 600 and len(img.convert("RGB").getcolors(1 << 16)) > 5
+
+    # bench/speed_targets.py (what gpu_speed.sh prints) reads this report: batch-1 targets measured, batch 64 missing
+    targets = _bench_script("speed_targets")
+    assert targets.main([f"llamagen-l={out / 'bench.json'}", "--out", str(tmp_path / "targets.json")]) == 0
+    rows = {r["measure"]: r for r in json.loads((tmp_path / "targets.json").read_text())}
+    batch1 = median["dd2 one-step", "compiled", 1, True]
+    assert rows["one-step (compiled) batch 1"]["value"] == pytest.approx(batch1 * 1e3)
+    assert rows["one-step (compiled) batch 1"]["met"] == (batch1 * 1e3 <= 20.0)
+    ratio = median["teacher AR", "eager", 1, True] / batch1
+    assert rows["one-step (compiled) batch 1 vs AR (eager)"]["value"] == pytest.approx(ratio)
+    assert rows["one-step (compiled) batch 64"]["value"] is None and rows["one-step (compiled) batch 64"]["met"] is None
+    assert "MET" in capsys.readouterr().out
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_random_init_var_eager(tmp_path, capsys):

@@ -106,6 +106,9 @@ class FastPath:
             raise DD2ValueError(f"FastPathConfig.autocast: {config.autocast} autocast needs cuda or cpu, got {device}")
         if decoder is not None and config.channels_last:
             decoder.to(memory_format=torch.channels_last)
+        rope = getattr(getattr(generator, "backbone", None), "rope", None)
+        if callable(rope):  # LlamaGen's lazily built rotary table: built here, so that it is no output of a CUDA graph
+            rope(device)
 
         def autocast() -> contextlib.AbstractContextManager:
             return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

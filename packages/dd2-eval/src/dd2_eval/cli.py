@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-init",
         choices=sorted(RANDOM_INIT_SIZES),
         help="a pipeline and its teacher at this size with random weights, no checkpoint (dd2_eval.random_init); "
-        "implies --without-decode",
+        "implies --without-decode (unless --decode-only)",
     )
     b.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and bench.png")
     b.add_argument("--warmup", type=int, default=3, help="untimed calls first (CUDA graphs record in the 2nd)")
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--throughput-batch", type=int, default=64)
     b.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
     b.add_argument("--without-decode", action="store_true", help="also time both sides without decoding")
+    b.add_argument("--decode-only", action="store_true", help="with --random-init: only the timings with decoding")
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled one-step")
     b.add_argument(
         "--teacher",
@@ -273,7 +274,7 @@ def _bench(args: argparse.Namespace) -> int:
         throughput_batch=args.throughput_batch,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         compile_backend=args.compile_backend,
-        without_decode=args.without_decode or args.random_init is not None,
+        without_decode=args.without_decode or (args.random_init is not None and not args.decode_only),
     )
     dtype = DTYPES.get(args.dtype or "")
     if args.random_init is not None:

@@ -256,7 +256,7 @@ def bench_pipeline(
         if name == teacher_name:
             warmup = cfg.teacher_warmup if cfg.teacher_warmup is not None else warmup
             repeats = cfg.teacher_repeats or repeats
-        for batch in (cfg.latency_batch, cfg.throughput_batch):
+        for batch in dict.fromkeys((cfg.latency_batch, cfg.throughput_batch)):  # once when the two are equal
             labels = torch.arange(batch, device=dev) % num_classes
             with torch.inference_mode():
                 first, times = time_calls(partial(call, labels), warmup=warmup, repeats=repeats, device=dev)
