@@ -22,6 +22,7 @@ else
   export PYTHONUNBUFFERED=1
 fi
 export PYTHONPATH=$PYTHONPATH:$PWD/packages/dd2-eval/src
+python3 -c "import numpy, tqdm, pydantic, safetensors, einops, PIL" || echo "missing a dd2-eval dependency: put its wheel in ./.whl"
 # dd2-eval finds the teacher through the `dd2.teachers` entry point; sources on PYTHONPATH have no package metadata,
 # so when dd2-teachers is not installed, a minimal dist-info declares the entry point
 EP=/tmp/dd2-speed-ep

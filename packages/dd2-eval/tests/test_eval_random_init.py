@@ -14,8 +14,9 @@ from dd2_eval.random_init import RANDOM_INIT_SIZES, parameter_count, random_pipe
 
 pytest.importorskip("dd2_teachers", reason="the teacher side of bench needs dd2-teachers")
 
-TIMING_KEYS = {"target", "mode", "batch_size", "median_s", "images_per_s", "first_call_s", "times_s", "decode"}
-SPEEDUP_KEYS = {"batch_size", "decode", "one_step_mode", "teacher_mode", "one_step_ms", "teacher_ms", "speedup"}
+TIMING_KEYS = {"target", "mode", "batch_size", "median_s", "images_per_s", "first_call_s", "times_s", "decode", "cpu_s"}
+SPEEDUP_KEYS = {"batch_size", "decode", "one_step_mode", "teacher_mode", "one_step_ms", "teacher_ms", "speedup",
+                "speedup_cpu_time"}  # fmt: skip
 
 
 def test_released_sizes_match_the_teacher_sizes():
@@ -92,6 +93,7 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
 
     timings = report["timings"]
     assert all(set(t) == TIMING_KEYS and len(t["times_s"]) == 2 and t["median_s"] > 0 for t in timings)
+    assert all(t["cpu_s"] > 0 for t in timings)
     got = {(t["target"], t["mode"], t["batch_size"], t["decode"]) for t in timings}
     targets, modes = ("dd2 one-step", "teacher AR"), ("eager", "compiled")
     assert got == {(n, m, 1, d) for n in targets for m in modes for d in (True, False)}  # batch 1 once: 1 = 1
@@ -100,10 +102,13 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
     rows = report["speedups"]
     assert all(set(r) == SPEEDUP_KEYS for r in rows) and len(rows) == 8  # decode x one-step mode x AR mode
     median = {(t["target"], t["mode"], t["batch_size"], t["decode"]): t["median_s"] for t in timings}
+    cpu = {(t["target"], t["mode"], t["batch_size"], t["decode"]): t["cpu_s"] for t in timings}
     for r in rows:
-        one = median["dd2 one-step", r["one_step_mode"], r["batch_size"], r["decode"]]
-        ar = median["teacher AR", r["teacher_mode"], r["batch_size"], r["decode"]]
-        assert r["speedup"] == pytest.approx(ar / one) and r["one_step_ms"] == pytest.approx(one * 1e3)
+        one = ("dd2 one-step", r["one_step_mode"], r["batch_size"], r["decode"])
+        ar = ("teacher AR", r["teacher_mode"], r["batch_size"], r["decode"])
+        assert r["speedup"] == pytest.approx(median[ar] / median[one])
+        assert r["one_step_ms"] == pytest.approx(median[one] * 1e3)
+        assert r["speedup_cpu_time"] == pytest.approx(cpu[ar] / cpu[one])
     with Image.open(out / "bench.png") as img:
         assert img.format == "PNG" and img.width > 600 and len(img.convert("RGB").getcolors(1 << 16)) > 5
 

@@ -84,6 +84,9 @@ class Timing:
     first_call_s: float
     times_s: list[float]
     decode: bool = True  # False: the generator alone (pipeline tokens / teacher ids)
+    # median process CPU time of one call, all threads: on a CPU shared with other processes it depends far less on
+    # their load than wall time does (on CUDA it is mostly the host's launch and wait time)
+    cpu_s: float | None = None
 
     @property
     def label(self) -> str:
@@ -129,6 +132,7 @@ class BenchReport:
             lines.append(
                 f"speed-up batch {r['batch_size']:>3} {'with decode' if r['decode'] else 'generator alone':<15}: "
                 f"one-step {r['one_step_mode']:<8} vs AR {r['teacher_mode']:<8} {r['speedup']:8.1f}x"
+                + (f" (CPU time {r['speedup_cpu_time']:.1f}x)" if r.get("speedup_cpu_time") else "")
             )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -152,10 +156,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_calls(
-    fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device
+    fn: Callable[[], object],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    cpu_times: list[float] | None = None,
 ) -> tuple[float, list[float]]:
     """Wall time of the first call (the first warm-up call, or the first timed one when `warmup` is 0) and of each
-    of `repeats` timed calls, in seconds."""
+    of `repeats` timed calls, in seconds; the process CPU time of each timed call is appended to `cpu_times`."""
     first = 0.0
     for i in range(warmup):
         synchronize(device)
@@ -167,10 +176,12 @@ def time_calls(
     times = []
     for _ in range(repeats):
         synchronize(device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return (first if warmup else times[0]), times
 
 
@@ -259,9 +270,12 @@ def bench_pipeline(
         for batch in dict.fromkeys((cfg.latency_batch, cfg.throughput_batch)):  # once when the two are equal
             labels = torch.arange(batch, device=dev) % num_classes
             with torch.inference_mode():
-                first, times = time_calls(partial(call, labels), warmup=warmup, repeats=repeats, device=dev)
+                cpu: list[float] = []
+                first, times = time_calls(
+                    partial(call, labels), warmup=warmup, repeats=repeats, device=dev, cpu_times=cpu
+                )
             median = statistics.median(times)
-            timing = Timing(name, mode, batch, median, batch / median, first, times, decode)
+            timing = Timing(name, mode, batch, median, batch / median, first, times, decode, statistics.median(cpu))
             report.timings.append(timing)
             logger.info("%s batch %d: %.2f ms (%.1f images/s)", timing.label, batch, median * 1e3, batch / median)
             if on_timing is not None:  # e.g. write the partial report, so that a run cut short keeps its numbers
@@ -273,7 +287,8 @@ def bench_pipeline(
 
 
 def speedups(timings: list[Timing], pipeline_name: str, teacher_name: str) -> list[dict[str, Any]]:
-    """teacher median / one-step median for every (batch size, with or without decode, one-step mode, AR mode)."""
+    """teacher median / one-step median for every (batch size, with or without decode, one-step mode, AR mode);
+    `speedup_cpu_time` is the same ratio of median process CPU times."""
     one = {(t.batch_size, t.decode, t.mode): t for t in timings if t.target == pipeline_name}
     rows = []
     for t in timings:
@@ -290,6 +305,7 @@ def speedups(timings: list[Timing], pipeline_name: str, teacher_name: str) -> li
                         "one_step_ms": o.median_s * 1e3,
                         "teacher_ms": t.median_s * 1e3,
                         "speedup": t.median_s / o.median_s,
+                        "speedup_cpu_time": t.cpu_s / o.cpu_s if t.cpu_s and o.cpu_s else None,
                     }
                 )
     return rows
