@@ -14,6 +14,21 @@ from dd2_core.models.var import VARBackbone, VARBackboneConfig, VARConfig
 from dd2_core.models.var_vqvae import VARVQVAE, VARVQVAEConfig
 from dd2_core.pipeline import OneStepPipeline
 
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch (dynamo caches graphs per function across pipelines of the same structure)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 BF16 = FastPathConfig(autocast="bfloat16", backend="aot_eager", batch_buckets=(4,))  # one compiled shape: fast tests
 
 
@@ -64,7 +79,9 @@ def test_bf16_compiled_fast_path_matches_eager(build):
     eager = pipe(labels, seed=7)
     eager_tokens_only = pipe(labels[:3], seed=7, decode=False)
     pipe.enable_fast_path(BF16)
+    before = compiled_graphs()
     fast = pipe(labels, seed=7)
+    assert compiled_graphs() - before == 2  # one fullgraph each for the generator and the decoder, at bucket 4
     assert fast.images.dtype == torch.uint8 and fast.images.shape == eager.images.shape
     assert fast.tokens.dtype == torch.float32 and fast.tokens.shape == eager.tokens.shape
     assert not torch.equal(fast.tokens, eager.tokens)  # autocast really ran in bf16
@@ -83,7 +100,9 @@ def test_float32_compiled_fast_path_equals_eager():
     pipe = _llamagen_pipeline()
     eager = pipe([1, 2, 3], seed=0)
     pipe.enable_fast_path(autocast="off", backend="aot_eager", batch_buckets=(4,))
+    before = compiled_graphs()
     fast = pipe([1, 2, 3], seed=0)
+    assert compiled_graphs() - before == 2
     torch.testing.assert_close(fast.tokens, eager.tokens, atol=1e-5, rtol=1e-5)
     assert (fast.images.int() - eager.images.int()).abs().max() <= 1
     pipe.disable_fast_path()
