@@ -341,8 +341,7 @@ def bar_chart_png(
     small = ImageFont.load_default(size=12)
     bar_h, gap, label_w, plot_w, pad = 22, 8, 270, 420, 16
     panel_h = [40 + len(r) * (bar_h + gap) for r in rows]
-    summary = [_speedup_line(report, b) for b in dict.fromkeys((latency_batch, throughput_batch))]
-    summary = [line for line in summary if line]
+    summary = [line for b in dict.fromkeys((latency_batch, throughput_batch)) for line in _speedup_lines(report, b)]
     width = label_w + plot_w + 110
     head_h = 50 + 18 * len(summary)
     height = head_h + sum(panel_h) + pad * len(panels)
@@ -371,15 +370,15 @@ def bar_chart_png(
     img.save(path, format="PNG")
 
 
-def _speedup_line(report: BenchReport, batch: int) -> str:
-    """'batch 1: one-step (compiled) vs AR (eager) 12.3x with decode, 45.6x generator alone' or '' when unmeasured."""
+def _speedup_lines(report: BenchReport, batch: int) -> list[str]:
+    """'batch 1, one-step (compiled) vs AR (eager): 12.3x with decode, 45.6x generator alone', one per AR mode."""
     modes = {r["one_step_mode"] for r in report.speedups if r["batch_size"] == batch}
     one = "compiled" if "compiled" in modes else "eager"
-    parts = []
+    lines = []
     for ar in ("eager", "compiled"):
         with_dec = report.speedup(batch, decode=True, one_step_mode=one, teacher_mode=ar)
         alone = report.speedup(batch, decode=False, one_step_mode=one, teacher_mode=ar)
         got = [f"{x:,.1f}x {what}" for x, what in ((with_dec, "with decode"), (alone, "generator alone")) if x]
         if got:
-            parts.append(f"vs AR ({ar}) " + ", ".join(got))
-    return f"batch {batch}: one-step ({one}) " + "; ".join(parts) if parts else ""
+            lines.append(f"batch {batch}, one-step ({one}) vs AR ({ar}): " + ", ".join(got))
+    return lines
