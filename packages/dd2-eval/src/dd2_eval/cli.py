@@ -117,10 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and bench.png")
     b.add_argument("--warmup", type=int, default=3, help="untimed calls first (CUDA graphs record in the 2nd)")
     b.add_argument("--repeats", type=int, default=10, help="timed calls, median reported")
-    b.add_argument(
-        "--teacher-warmup", type=int, default=None, help="warm-up calls of the AR sampler (default: --warmup)"
-    )
-    b.add_argument("--teacher-repeats", type=int, default=None, help="timed AR calls (default: --repeats)")
+    b.add_argument("--teacher-warmup", type=int, default=None, help="warm-up calls of the AR sampler; None = --warmup")
+    b.add_argument("--teacher-repeats", type=int, default=None, help="timed AR calls; None = --repeats")
     b.add_argument("--latency-batch", type=int, default=1)
     b.add_argument("--throughput-batch", type=int, default=64)
     b.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
@@ -135,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the path of a teacher reference JSON file",
     )
     b.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype of pipeline and teacher (default: own)"
+        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype of pipeline and teacher; None = their own"
     )
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _add_device(b)
