@@ -11,6 +11,7 @@ from PIL import Image
 
 from dd2_eval import cli
 from dd2_eval.random_init import RANDOM_INIT_SIZES, parameter_count, random_pipeline
+from dd2_eval.speed import BenchReport
 
 pytest.importorskip("dd2_teachers", reason="the teacher side of bench needs dd2-teachers")
 
@@ -68,7 +69,7 @@ def test_bench_random_init_json_schema_and_speedups(tmp_path, capsys, monkeypatc
     assert cli.main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "bench.json").read_text())
-    assert printed == report
+    assert printed == report == BenchReport.read_json(out / "bench.json").to_dict()
 
     assert {
         "device",

@@ -111,6 +111,12 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def read_json(cls, path: str | os.PathLike) -> BenchReport:
+        """A report written by write_json (e.g. to redraw its chart)."""
+        data = json.loads(Path(path).read_text())
+        return cls(**(data | {"timings": [Timing(**t) for t in data["timings"]]}))
+
     def write_json(self, path: str | os.PathLike) -> None:
         """Atomically (a temporary file renamed over `path`)."""
         path = Path(path)
@@ -334,6 +340,8 @@ def bar_chart_png(
             lambda t: t.images_per_s,
         ),
     ]
+    if throughput_batch == latency_batch:  # one batch size: the throughput panel would repeat the latency one
+        panels = panels[:1]
     rows = [[t for t in report.timings if t.batch_size == b] for _, b, _ in panels]
     if not any(rows):
         raise EvalError(f"bar_chart_png: no timings at batch {latency_batch} or {throughput_batch}")
@@ -363,7 +371,8 @@ def bar_chart_png(
             draw.text((pad, by + 4), t.label, fill="black", font=small)
             fill = colors.get(t.mode) if t.decode else lighter.get(t.mode)
             draw.rectangle([label_w, by, label_w + max(1, int(plot_w * v / vmax)), by + bar_h], fill=fill)
-            draw.text((label_w + int(plot_w * v / vmax) + 6, by + 4), f"{v:,.1f}", fill="black", font=small)
+            text = f"{v:,.1f}" if v >= 10 else f"{v:.3g}"
+            draw.text((label_w + int(plot_w * v / vmax) + 6, by + 4), text, fill="black", font=small)
         draw.line([label_w, top - 2, label_w, top + len(timings) * (bar_h + gap)], fill="black")
         y += h + pad
     Path(path).parent.mkdir(parents=True, exist_ok=True)
