@@ -120,7 +120,7 @@ def test_compiled_teacher_only_for_families_with_a_compiled_step(tmp_path, pipel
     import argparse
 
     (pipeline_dir / "teacher_ref.json").write_text(json.dumps(toy_ref))
-    args = argparse.Namespace(teacher="auto", pipeline=pipeline_dir)
+    args = argparse.Namespace(teacher="auto", pipeline=pipeline_dir, random_init=None)
     teacher, compiled, note = cli._bench_teachers(args, ("eager", "compiled"), device="cpu", dtype=None)
     assert teacher.num_classes == 5 and compiled is None
     assert "the toy teacher has no compiled decode step" in note

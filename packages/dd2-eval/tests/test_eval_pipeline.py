@@ -65,6 +65,17 @@ def test_sample_command_with_the_real_pipeline(tmp_path, pipeline_dir):
     assert not np.array_equal(images[0], images[1])
 
 
+def test_sample_command_fast_path_draws_the_same_images(tmp_path, pipeline_dir):
+    """`dd2-eval sample --fast` (CPU: float32, compiled; backend aot_eager here) writes the eager command's images."""
+    common = ["sample", "--pipeline", str(pipeline_dir), "--per-class", "1", "--batch-size", "5", "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp_path / "eager.npz"), "--no-progress"]) == 0
+    fast = ["--out", str(tmp_path / "fast.npz"), "--fast", "--compile-backend", "aot_eager", "--no-progress"]
+    assert cli.main([*common, *fast]) == 0
+    eager, compiled = read_images(tmp_path / "eager.npz"), read_images(tmp_path / "fast.npz")
+    assert compiled.shape == eager.shape == (5, 8, 8, 3)
+    assert np.abs(compiled.astype(np.int16) - eager.astype(np.int16)).max() <= 1
+
+
 def test_bench_command_with_the_real_pipeline(tmp_path, pipeline_dir, capsys):
     args = ["bench", "--pipeline", str(pipeline_dir), "--out", str(tmp_path), "--modes", "eager", "--json"]
     assert cli.main([*args, "--warmup", "1", "--repeats", "2", "--throughput-batch", "3", "--device", "cpu"]) == 0

@@ -148,10 +148,49 @@ def test_bad_references_name_the_key(toy_ref, llamagen_ref, tmp_path):
         load_teacher(llamagen_ref | {"vq_ckpt": llamagen_ref["ckpt"]}, device="cpu")
 
     var = {"family": "var", "size": "d17", "ckpt": str(tmp_path / "var.pth"), "vq_ckpt": str(tmp_path / "vae.pth")}
-    with pytest.raises(TeacherRefError, match=r"'size': var sizes are \['d16', 'd20', 'd24', 'd30', 'custom'\]"):
+    with pytest.raises(
+        TeacherRefError, match=r"'size': var sizes are \['d16', 'd20', 'd24', 'd30', 'custom'\], got 'd17'"
+    ):
         load_teacher(var, device="cpu")
     with pytest.raises(TeacherFileError, match="'ckpt': no such file .*var.pth"):
         load_teacher(var | {"size": "d16"}, device="cpu")
+
+
+VAR_TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3, "vocab_size": 16, "token_dim": 4,
+            "patch_nums": [1, 2, 4]}  # fmt: skip
+VQVAE_TINY = {"vocab_size": 16, "token_dim": 4, "ch": 32, "ch_mult": [1, 2], "patch_nums": [1, 2, 4]}
+
+
+def test_random_init_teachers_sample_and_decode_at_their_size():
+    """init 'random': no checkpoint, random weights at the ref's size (what dd2-eval bench --random-init times)."""
+    from dd2_teachers.var import VARTeacher
+
+    torch.manual_seed(0)
+    llamagen = {"family": "llamagen", "size": "custom", "init": "random", "gpt": GPT.model_dump(mode="json"),
+                "vq": VQ.model_dump(mode="json"), "policy": POLICY.model_dump(mode="json")}  # fmt: skip
+    teacher = load_teacher(_json(llamagen), device="cpu", dtype=torch.bfloat16)
+    assert isinstance(teacher, LlamaGenTeacher) and teacher.model.cfg.n_layer == 1 and teacher.policy == POLICY
+    assert teacher.model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16 and not teacher.training
+    ids = teacher.sample(torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 16) and teacher.decode(ids).shape == (2, 3, 8, 8)
+    assert load_teacher(_json(llamagen), device="cpu", compile=True).cfg.compile
+
+    var = {"family": "var", "size": "custom", "init": "random", "var": VAR_TINY, "vqvae": VQVAE_TINY}
+    teacher = load_teacher(var, device="cpu")
+    assert isinstance(teacher, VARTeacher) and teacher.num_tokens == 1 + 4 + 16
+    ids = teacher.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 21) and teacher.decode(ids).shape == (2, 3, 8, 8)
+
+    with pytest.raises(TeacherRefError, match="'ckpt': init 'random' builds random weights; expected no ckpt"):
+        load_teacher(var | {"ckpt": "var.pth"}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'init': expected 'checkpoint' or"):
+        load_teacher(var | {"init": "zeros"}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'vqvae': var size 'custom' needs both var and vqvae"):
+        load_teacher(var | {"vqvae": None}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'var': only for var size 'custom'"):
+        load_teacher(var | {"size": "d16"}, device="cpu")
+    with pytest.raises(TeacherRefError, match="'vqvae': only for var teachers"):
+        load_teacher(llamagen | {"vqvae": VQVAE_TINY}, device="cpu")
 
 
 def test_loader_is_the_dd2_teachers_entry_point():

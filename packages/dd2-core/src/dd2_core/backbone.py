@@ -43,6 +43,8 @@ class Backbone(nn.Module):
     def check_inputs(self, tokens: Tensor, labels: Tensor) -> None:
         """Boundary check shared by all backbones (clear errors instead of index errors deep inside)."""
         expect_shape("tokens", tokens, (None, self.num_tokens, self.token_dim))
+        if torch.compiler.is_compiling():  # the range check reads labels on the host: a sync and a graph break;
+            return  # compiled callers check labels at their boundary (OneStepPipeline: dd2_core.fast)
         expect_labels("labels", labels, self.num_classes, batch=tokens.shape[0])
 
 

@@ -48,10 +48,12 @@ def _check_classes(classes: tuple[int, ...], num_classes: int) -> list[int]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dd2_core.fast import FastPathConfig
     from dd2_core.pipeline import OneStepPipeline
 
     device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = OneStepPipeline.from_pretrained(args.pipeline, device=device)
+    fast = FastPathConfig.for_device(device, backend=args.compile_backend) if args.fast else False
+    pipe = OneStepPipeline.from_pretrained(args.pipeline, device=device, fast=fast)
     if pipe.decoder is None:
         raise DD2ValueError(
             f"--pipeline {args.pipeline}: this pipeline has no image decoder (decoder = 'none'); nothing to draw"
@@ -74,7 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_png(image_grid(out.images, rows=len(classes)), args.out)
         written, target = [str(args.out)], str(args.out)
     summary = {"out": target, "files": written, "classes": classes, "images": int(labels.numel()),
-               "seconds": seconds, "device": str(device)}  # fmt: skip
+               "seconds": seconds, "device": str(device), "fast": bool(args.fast)}  # fmt: skip
     print(json.dumps(summary) if args.json else f"wrote {target}: {labels.numel()} images in {seconds:.2f} s")
     return 0
 
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("grid.png"), help="output PNG (one row per class)")
     p.add_argument("--out-dir", type=Path, default=None, help="instead: one PNG grid per class, DIR/class_<id>.png")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast path: torch.compile of generator and decoder; on CUDA also bf16 autocast and CUDA graphs "
+                   "(dd2_core.fast); the first call compiles")  # fmt: skip
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --fast")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_debug_flag(p)
     p.set_defaults(func=cmd_sample)

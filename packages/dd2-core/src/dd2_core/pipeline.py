@@ -7,6 +7,10 @@ Pipeline folder (written by `save_pretrained` / dd2-train's `export`, read by `f
     teacher_ref.json        optional: which teacher to use for teacher-refined multi-step sampling (informational)
 
 Installing only dd2-core is enough: every architecture a pipeline may name lives in dd2_core (backbone.py, models/).
+
+Speed: `from_pretrained(folder, fast=True)` or `pipe.enable_fast_path()` turns on the fast path (dd2_core.fast: bf16
+autocast, torch.compile of generator and decoder, CUDA graphs at fixed batch buckets, no per-call host sync). The
+default, and CPU's, is the eager path in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dd2_core.checkpoint import (
 )
 from dd2_core.diffusion import ARDiffusion
 from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels
+from dd2_core.fast import FastPath, FastPathConfig, expect_labels_async
 from dd2_core.generator import OneStepGenerator
 from dd2_core.heads import HeadConfig, VelocityHead
 from dd2_core.sampling import refine_with_teacher
@@ -113,7 +118,7 @@ def _check_folder(folder: Path, config: PipelineConfig) -> None:
     try:
         with torch.device("meta"):
             backbone = build_backbone(config.family, config.backbone)
-            generator = OneStepGenerator(ARDiffusion(backbone, VelocityHead(config.head)), head_time=config.head_time)
+            generator = _generator(backbone, config)
             decoder = build_decoder(config.decoder, config.decoder_config)
     except (ValidationError, ValueError, TypeError) as e:
         raise CheckpointError(f"pipeline: {cfg_path} describes no buildable network:\n{e}") from e
@@ -133,6 +138,13 @@ def _check_folder(folder: Path, config: PipelineConfig) -> None:
                      source=str(path))  # fmt: skip
 
 
+def _generator(backbone: Backbone, config: PipelineConfig) -> OneStepGenerator:
+    """The one-step generator a pipeline config describes (weights not loaded)."""
+    head = VelocityHead(config.head)
+    return OneStepGenerator(ARDiffusion(backbone, head), config.head_time, noise_scale=config.noise_scale,
+                            class_cond=config.class_cond)  # fmt: skip
+
+
 class OneStepPipeline:
     """One-step class-conditional image generation:  pipe(labels, seed=0).images -> uint8 (B, H, W, 3).
 
@@ -145,6 +157,7 @@ class OneStepPipeline:
         self.generator = generator.eval()
         self.decoder = decoder.eval() if decoder is not None else None
         self.config = config
+        self.fast: FastPath | None = None
 
     @property
     def num_classes(self) -> int:
@@ -157,6 +170,25 @@ class OneStepPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.generator.parameters()).dtype
+
+    def enable_fast_path(self, config: FastPathConfig | None = None, **overrides) -> OneStepPipeline:
+        """Run every later call through the fast path (dd2_core.fast) on the pipeline's current device; returns self.
+
+        config: FastPathConfig (None = `FastPathConfig.for_device(self.device, **overrides)`). Compilation happens
+        in the first call of each batch bucket. Move the pipeline to its device before enabling the fast path.
+        """
+        if config is not None and overrides:
+            raise DD2ValueError(
+                f"enable_fast_path: pass either a FastPathConfig or field overrides, got both {overrides}"
+            )
+        config = config or FastPathConfig.for_device(self.device, **overrides)
+        self.fast = FastPath(self.generator, self.decoder, config, self.device, to_uint8)
+        return self
+
+    def disable_fast_path(self) -> OneStepPipeline:
+        """Back to the eager path (the decoder keeps its memory format); returns self."""
+        self.fast = None
+        return self
 
     @classmethod
     def from_models(
@@ -198,9 +230,16 @@ class OneStepPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        fast: bool | FastPathConfig = False,
     ) -> OneStepPipeline:
-        """Load a pipeline folder written by save_pretrained / dd2-train export."""
+        """Load a pipeline folder written by save_pretrained / dd2-train export.
+
+        fast: True = `enable_fast_path()` with the device's defaults, a FastPathConfig = with that config."""
         folder = Path(folder)
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
@@ -217,12 +256,7 @@ class OneStepPipeline:
             )
         _check_folder(folder, config)  # every size in config.json against the weights, before allocating
         backbone = build_backbone(config.family, config.backbone)
-        generator = OneStepGenerator(
-            ARDiffusion(backbone, VelocityHead(config.head)),
-            config.head_time,
-            noise_scale=config.noise_scale,
-            class_cond=config.class_cond,
-        )
+        generator = _generator(backbone, config)
         weights = folder / "generator.safetensors"
         expected = f"a {config.family} one-step generator"
         load_strict(generator, read_state_dict(weights), expected=expected, source=str(weights))
@@ -231,7 +265,8 @@ class OneStepPipeline:
             weights = folder / "decoder.safetensors"
             load_strict(decoder, read_state_dict(weights), expected=f"decoder {config.decoder}", source=str(weights))
             decoder = decoder.to(device=device, dtype=dtype)
-        return cls(generator.to(device=device, dtype=dtype), config, decoder)
+        pipe = cls(generator.to(device=device, dtype=dtype), config, decoder)
+        return pipe.enable_fast_path(None if fast is True else fast) if fast else pipe
 
     @torch.no_grad()
     def __call__(
@@ -243,6 +278,7 @@ class OneStepPipeline:
         noise: Tensor | None = None,
         teacher: Teacher | None = None,
         refine_groups: int = 0,
+        decode: bool = True,
     ) -> PipelineOutput:
         """Generate one image per label.
 
@@ -252,9 +288,17 @@ class OneStepPipeline:
             noise: (B, N, C) explicit noise instead.
             teacher, refine_groups: teacher-refined multi-step sampling (DD2 Alg. 4): the teacher resamples the last
                 `refine_groups` token groups (1 + refine_groups steps). Needs a Teacher from dd2_teachers.
+            decode: False = tokens only (images None), e.g. to time the generator alone.
+
+        Labels given on the host (a list or a CPU tensor) are checked there; with the fast path, labels already on
+        the accelerator are checked by a device-side assert, so that a call never waits for the device.
         """
-        labels = torch.as_tensor(labels, device=self.device)
-        expect_labels("labels", labels, self.num_classes, allow_null=False)
+        labels = torch.as_tensor(labels)
+        if self.fast is not None and labels.device != torch.device("cpu"):
+            expect_labels_async("labels", labels, self.num_classes)
+        else:
+            expect_labels("labels", labels, self.num_classes, allow_null=False)
+        labels = labels.to(self.device, non_blocking=True)
         if seed is not None and generator is not None:
             raise DD2ValueError("pass either seed or generator, not both")
         if seed is not None:
@@ -263,14 +307,14 @@ class OneStepPipeline:
             noise = self.generator.sample_noise(
                 labels.shape[0], device=self.device, dtype=self.dtype, generator=generator
             )
-        tokens = self.generator(noise, labels)
+        tokens = self.fast.tokens(noise, labels) if self.fast is not None else self.generator(noise, labels)
         if refine_groups:
             if teacher is None:
                 raise DD2ValueError(f"refine_groups={refine_groups} needs a teacher (dd2_teachers), got teacher=None")
             tokens = refine_with_teacher(teacher, tokens, labels, resample_groups=refine_groups, generator=generator)
         images = None
-        if self.decoder is not None:
-            images = to_uint8(self.decoder.decode_tokens(tokens))
+        if self.decoder is not None and decode:
+            images = self.fast.images(tokens) if self.fast is not None else to_uint8(self.decoder.decode_tokens(tokens))
         return PipelineOutput(images=images, tokens=tokens)
 
 

@@ -6,6 +6,8 @@
     dd2-eval toy SAMPLES.npz [--json]                   toy Fashion-MNIST feature-space metrics
     dd2-eval bench --pipeline DIR [--out DIR]           latency (batch 1) and throughput (batch 64), JSON + PNG,
                    [--teacher auto|none|REF.json]       of the pipeline and of its teacher's AR sampler
+    dd2-eval bench --random-init llamagen-l             the same at a released size with random weights (pipeline and
+                                                        teacher), generator alone and with decode, and the speed-ups
 
 Logs and progress bars go to stderr; with --json, stdout holds only the JSON.
 """
@@ -23,6 +25,7 @@ import torch
 from dd2_core.clitools import add_debug_flag, class_ids, device_name, run_main
 from dd2_core.errors import DD2ValueError
 from dd2_eval.errors import EvalError
+from dd2_eval.random_init import RANDOM_INIT_SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=0, help="shard index (chunks i with i %% world_size == rank)")
     s.add_argument("--world-size", type=int, default=1, help="number of shards")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="pipeline dtype (default: its own)")
+    s.add_argument("--fast", action="store_true",
+                   help="the pipeline's fast path (dd2_core.fast: compiled generator and decoder; bf16 autocast and "
+                   "CUDA graphs on CUDA)")  # fmt: skip
+    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --fast")
     s.add_argument("--keep-parts", action="store_true", help="keep the chunk folder after assembling")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_device(s)
@@ -102,20 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
 
     b = sub.add_parser("bench", help="latency and throughput of a pipeline (and its teacher)", formatter_class=fmt)
-    b.add_argument("--pipeline", type=Path, required=True, help="pipeline folder (written by export)")
+    which = b.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pipeline", type=Path, help="pipeline folder (written by export)")
+    which.add_argument(
+        "--random-init",
+        choices=sorted(RANDOM_INIT_SIZES),
+        help="a pipeline and its teacher at this size with random weights, no checkpoint (dd2_eval.random_init); "
+        "implies --without-decode (unless --decode-only)",
+    )
     b.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json and bench.png")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls first (CUDA graphs record in the 2nd)")
+    b.add_argument("--repeats", type=int, default=10, help="timed calls, median reported")
+    b.add_argument("--teacher-warmup", type=int, default=None, help="warm-up calls of the AR sampler; None = --warmup")
+    b.add_argument("--teacher-repeats", type=int, default=None, help="timed AR calls; None = --repeats")
     b.add_argument("--latency-batch", type=int, default=1)
     b.add_argument("--throughput-batch", type=int, default=64)
     b.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    b.add_argument("--without-decode", action="store_true", help="also time both sides without decoding")
+    b.add_argument("--decode-only", action="store_true", help="with --random-init: only the timings with decoding")
+    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled one-step")
     b.add_argument(
         "--teacher",
         default="auto",
         help="the teacher whose AR sampler is timed too: 'auto' = the pipeline's teacher_ref.json when it exists and "
-        "dd2-teachers is installed, 'none' = the pipeline only, or the path of a teacher reference JSON file",
+        "dd2-teachers is installed (with --random-init: the teacher of that size), 'none' = the pipeline only, or "
+        "the path of a teacher reference JSON file",
     )
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="pipeline dtype (default: its own)")
+    b.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype of pipeline and teacher; None = their own"
+    )
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _add_device(b)
     return parser
@@ -181,6 +203,10 @@ def _sample(args: argparse.Namespace) -> int:
         world_size=args.world_size,
     )
     pipe = load_pipeline(args.pipeline, device=_device(args.device), dtype=DTYPES.get(args.dtype or ""))
+    if args.fast:
+        from dd2_core.fast import FastPathConfig
+
+        pipe.enable_fast_path(FastPathConfig.for_device(_device(args.device), backend=args.compile_backend))
     out = args.out or Path(f"{args.pipeline.resolve().name}-samples.npz")
     done = sample_to_npz(
         pipe,
@@ -229,25 +255,47 @@ def _read_toy_images(path: Path):  # -> np.ndarray
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from dd2_eval.random_init import parameter_count, random_init_size, random_pipeline
     from dd2_eval.sample import load_pipeline
-    from dd2_eval.speed import BenchConfig, bar_chart_png, bench_pipeline
+    from dd2_eval.speed import BenchConfig, BenchReport, bar_chart_png, bench_pipeline
 
     device = _device(args.device)
     cfg = BenchConfig(
         warmup=args.warmup,
         repeats=args.repeats,
+        teacher_warmup=args.teacher_warmup,
+        teacher_repeats=args.teacher_repeats,
         latency_batch=args.latency_batch,
         throughput_batch=args.throughput_batch,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        compile_backend=args.compile_backend,
+        without_decode=args.without_decode or (args.random_init is not None and not args.decode_only),
     )
     dtype = DTYPES.get(args.dtype or "")
-    pipe = load_pipeline(args.pipeline, device=device, dtype=dtype)
+    if args.random_init is not None:
+        pipe = random_pipeline(args.random_init, device=device, dtype=dtype)
+    else:
+        pipe = load_pipeline(args.pipeline, device=device, dtype=dtype)
     teacher, teacher_compiled, compiled_note = _bench_teachers(args, cfg.modes, device=device, dtype=dtype)
     if teacher is not None and teacher.num_classes != pipe.num_classes:
         raise EvalError(
             f"--teacher: the teacher has {teacher.num_classes} classes, the pipeline {pipe.num_classes}; "
             "expected the teacher the pipeline was distilled from"
         )
+    setup = {
+        "pipeline": str(args.pipeline) if args.pipeline is not None else None,
+        "random_init": args.random_init,
+        "generator_params": parameter_count(getattr(pipe, "generator", None)),
+        "decoder_params": parameter_count(getattr(pipe, "decoder", None)),
+        "teacher_params": parameter_count(teacher),
+        "teacher_ref": random_init_size(args.random_init).teacher_ref if args.random_init is not None else None,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write_partial(report: BenchReport) -> None:  # a run cut short (a timeout) keeps what it measured
+        report.setup = setup
+        report.write_json(args.out / "bench.json")
+
     report = bench_pipeline(
         pipe,
         teacher=teacher,
@@ -256,9 +304,9 @@ def _bench(args: argparse.Namespace) -> int:
         cfg=cfg,
         device=device,
         dtype=args.dtype or "pipeline default",
+        on_timing=write_partial,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / "bench.json")
+    write_partial(report)
     bar_chart_png(
         report, args.out / "bench.png", latency_batch=cfg.latency_batch, throughput_batch=cfg.throughput_batch
     )
@@ -277,18 +325,26 @@ def _bench_teachers(
     if args.teacher == "none":
         logger.info("--teacher none: timing the one-step pipeline only")
         return None, None, None
-    if args.teacher == "auto":
-        path = args.pipeline / TEACHER_REF
-        if not path.is_file():
-            logger.warning("--teacher auto: %s has no %s, so only the pipeline is timed", args.pipeline, TEACHER_REF)
-            return None, None, None
+    if args.random_init is not None and args.teacher == "auto":
+        from dd2_eval.random_init import random_init_size
+
         if teacher_plugin() is None:
             logger.warning("--teacher auto: only the pipeline is timed; %s", INSTALL_HINT)
             return None, None, None
+        ref, source = random_init_size(args.random_init).teacher_ref, f"--random-init {args.random_init}"
     else:
-        path = Path(args.teacher)
-    ref = read_teacher_ref(path)
-    logger.info("teacher: %s %s from %s (%s)", ref.get("family"), ref.get("size"), ref.get("ckpt"), path)
+        if args.teacher == "auto":
+            path = args.pipeline / TEACHER_REF
+            if not path.is_file():
+                logger.warning("--teacher auto: %s has no %s, only the pipeline is timed", args.pipeline, TEACHER_REF)
+                return None, None, None
+            if teacher_plugin() is None:
+                logger.warning("--teacher auto: only the pipeline is timed; %s", INSTALL_HINT)
+                return None, None, None
+        else:
+            path = Path(args.teacher)
+        ref, source = read_teacher_ref(path), str(path)
+    logger.info("teacher: %s %s from %s (%s)", ref.get("family"), ref.get("size"), ref.get("ckpt"), source)
     teacher = load_teacher_plugin(ref, device=device, dtype=dtype, compile=False)
     if "compiled" not in modes:
         return teacher, None, None

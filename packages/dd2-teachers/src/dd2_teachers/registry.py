@@ -7,6 +7,8 @@ dd2-eval times a teacher's AR sampler without importing dd2-teachers):
     family        toy | llamagen | var
     size          toy: 'toy' (optional); llamagen: B, L, XL, XXL, 3B (GPT-B.., 256 px) or custom;
                   var: d16, d20, d24, d30 or custom
+    init          optional: 'checkpoint' (default) or 'random' = random weights at the size, no ckpt / vq_ckpt
+                  (llamagen and var only: what `dd2-eval bench --random-init` times)
     ckpt          toy: folder written by ToyTeacher.save; llamagen: GPT .pt/.safetensors (an adapted one holds
                   cont_embed.*); var: var_dNN.pth
     vq_ckpt       llamagen: the VQ tokenizer (vq_ds16_c2i.pt); var: vae_ch160v4096z32.pth; toy: none
@@ -42,6 +44,7 @@ COMPILED_FAMILIES = ("llamagen", "var")  # families with a compiled decode step 
 LLAMAGEN_SIZES = {"B": "GPT-B", "L": "GPT-L", "XL": "GPT-XL", "XXL": "GPT-XXL", "3B": "GPT-3B"}
 VAR_SIZES = ("d16", "d20", "d24", "d30", "custom")
 _VAR_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _VAR_DTYPES.items()}
 
 
 class TeacherRefError(DD2ValueError):
@@ -83,22 +86,25 @@ def load_teacher(
             f"compile: the {family} teacher has no compiled decode step (families with one: "
             f"{', '.join(COMPILED_FAMILIES)})"
         )
-    if family != "llamagen":
-        for key in ("gpt", "vq", "sample_input"):
+    for key, owner in (("gpt", "llamagen"), ("vq", "llamagen"), ("sample_input", "llamagen"), ("var", "var"),
+                       ("vqvae", "var")):  # fmt: skip
+        if family != owner and ref.get(key) is not None:
+            raise TeacherRefError(key, f"only for {owner} teachers, got family {family!r}")
+    init = ref.get("init") or "checkpoint"
+    if init not in ("checkpoint", "random") or (init == "random" and family == "toy"):
+        raise TeacherRefError("init", f"expected 'checkpoint' or (llamagen, var) 'random', got {init!r} for {family}")
+    if init == "random":
+        for key in ("ckpt", "vq_ckpt"):
             if ref.get(key) is not None:
-                raise TeacherRefError(key, f"only for llamagen teachers, got family {family!r}")
-    if family != "var":
-        for key in ("var", "vqvae"):
-            if ref.get(key) is not None:
-                raise TeacherRefError(key, f"only for var teachers, got family {family!r}")
+                raise TeacherRefError(key, f"init 'random' builds random weights; expected no {key}, got {ref[key]!r}")
     policy = _model(SamplingPolicy, ref, "policy")
     device = torch.device(device)
     if family == "toy":
         teacher = _toy(ref, device=device, dtype=dtype)
     elif family == "llamagen":
-        teacher = _llamagen(ref, policy, device=device, dtype=dtype, compile=compile)
+        teacher = _llamagen(ref, policy, device=device, dtype=dtype, compile=compile, random=init == "random")
     else:
-        teacher = _var(ref, policy, device=device, dtype=dtype, compile=compile)
+        teacher = _var(ref, policy, device=device, dtype=dtype, compile=compile, random=init == "random")
     if policy is not None:
         teacher.policy = policy
     teacher.requires_grad_(False)
@@ -134,9 +140,10 @@ def _llamagen(
     device: torch.device,
     dtype: torch.dtype | None,
     compile: bool,
+    random: bool,
 ) -> nn.Module:
-    from dd2_core.models.llamagen import LlamaGenConfig
-    from dd2_core.models.llamagen_vq import VQConfig
+    from dd2_core.models.llamagen import LlamaGen, LlamaGenConfig
+    from dd2_core.models.llamagen_vq import LlamaGenVQ, VQConfig
     from dd2_teachers.llamagen import LlamaGenTeacher, LlamaGenTeacherConfig, llamagen_teacher_config
 
     size = _required(ref, "size")
@@ -161,6 +168,11 @@ def _llamagen(
         cfg = llamagen_teacher_config(LLAMAGEN_SIZES[size], **overrides)
     else:
         raise TeacherRefError("size", f"llamagen sizes are {[*LLAMAGEN_SIZES, 'custom']}, got {size!r}")
+    if random:  # no checkpoint: speed benchmarks at a released size; cont_embed is left at its random init
+        with torch.device(device):
+            model, vq = LlamaGen(cfg.gpt_config()), LlamaGenVQ(cfg.vq)
+        logger.info("LlamaGen teacher: %s with random weights", cfg.gpt.describe())
+        return LlamaGenTeacher(cfg, model.to(dtype or torch.float32), vq.to(dtype or torch.float32))
     gpt_path, vq_path = _file(ref, "ckpt", "the GPT checkpoint"), _file(ref, "vq_ckpt", "the VQ tokenizer checkpoint")
     return LlamaGenTeacher.from_checkpoints(cfg, gpt_path, vq_path, device=device, dtype=dtype or torch.float32)
 
@@ -172,14 +184,13 @@ def _var(
     device: torch.device,
     dtype: torch.dtype | None,
     compile: bool,
+    random: bool,
 ) -> nn.Module:
-    from dd2_core.models.var import VARConfig
-    from dd2_core.models.var_vqvae import VARVQVAEConfig
+    from dd2_core.models.var import VAR, VARConfig
+    from dd2_core.models.var_vqvae import VARVQVAE, VARVQVAEConfig
     from dd2_teachers.var import VARTeacher, VARTeacherConfig, var_teacher_config
 
     size = _required(ref, "size")
-    if size not in VAR_SIZES:
-        raise TeacherRefError("size", f"var sizes are {list(VAR_SIZES)}, got {size!r}")
     overrides = _overrides(policy, compile)
     if dtype is not None:
         if dtype not in _VAR_DTYPES:
@@ -193,11 +204,18 @@ def _var(
             cfg = VARTeacherConfig(var=var, vqvae=vqvae, **overrides)
         except ValidationError as e:
             raise TeacherRefError("var", _validation_message(e)) from e
-    else:
+    elif size in VAR_SIZES:
         for key in ("var", "vqvae"):
             if ref.get(key) is not None:
                 raise TeacherRefError(key, f"only for var size 'custom', got size {size!r}")
         cfg = var_teacher_config(int(size[1:]), **overrides)
+    else:
+        raise TeacherRefError("size", f"var sizes are {list(VAR_SIZES)}, got {size!r}")
+    if random:  # no checkpoint: speed benchmarks at a released size
+        with torch.device(device):
+            var_model, vqvae_model = VAR(cfg.var), VARVQVAE(cfg.vqvae)
+        logger.info("VAR teacher: %s with random weights (%s)", cfg.var.describe(), cfg.dtype)
+        return VARTeacher(var_model.to(_DTYPES_BY_NAME[cfg.dtype]), vqvae_model, policy=cfg.policy, compile=cfg.compile)
     var_path, vae_path = _file(ref, "ckpt", "the VAR checkpoint"), _file(ref, "vq_ckpt", "the VQVAE checkpoint")
     return VARTeacher.from_checkpoints(cfg, var_path, vae_path, device=device)
 
