@@ -531,6 +531,31 @@ def _accumulate(acc: dict[str, Tensor], m: Mapping[str, Tensor], n: int) -> dict
     return {k: acc.get(k, 0) + v / n for k, v in m.items()}
 
 
+def _write_shards(ctx: StageContext, sample_fn, out: Path, sec, meta: dict) -> None:
+    """gen-data / gen-pairs: every rank writes its shards (resumable), then rank 0 writes out/index.json."""
+    counts = write_teacher_samples(
+        sample_fn,
+        out,
+        num_samples=sec.num_samples,
+        shard_size=sec.shard_size,
+        batch_size=sec.batch_size,
+        num_classes=meta["num_classes"],
+        meta=meta,
+        seed=ctx.cfg.seed,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+        device=ctx.device,
+        stage=ctx.stage,
+    )
+    logger.info("%s rank %d: %s", ctx.stage, ctx.dist.rank, counts)
+    eng.barrier()
+    if ctx.dist.is_main:
+        shards = sorted(p.name for p in out.glob("shard-*.tar"))
+        index = {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
+        write_json(out / "index.json", index)
+        logger.info("%s: %d shards, %d samples in %s", ctx.stage, len(shards), sec.num_samples, out)
+
+
 def run_gen_data(ctx: StageContext) -> None:
     """Teacher samples -> shards, every rank in parallel; finished shards are skipped on a re-run."""
     cfg, sec = ctx.cfg, ctx.cfg.gen_data
@@ -553,27 +578,7 @@ def run_gen_data(ctx: StageContext) -> None:
         with ctx.autocast():
             return teacher.sample(labels, generator=g)
 
-    counts = write_teacher_samples(
-        sample,
-        out,
-        num_samples=sec.num_samples,
-        shard_size=sec.shard_size,
-        batch_size=sec.batch_size,
-        num_classes=teacher.num_classes,
-        meta=meta,
-        seed=cfg.seed,
-        rank=ctx.dist.rank,
-        world_size=ctx.dist.world_size,
-        device=ctx.device,
-    )
-    logger.info("gen-data rank %d: %s", ctx.dist.rank, counts)
-    eng.barrier()
-    if ctx.dist.is_main:
-        shards = sorted(p.name for p in out.glob("shard-*.tar"))
-        write_json(
-            out / "index.json", {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
-        )
-        logger.info("gen-data: %d shards, %d samples in %s", len(shards), sec.num_samples, out)
+    _write_shards(ctx, sample, out, sec, meta)
 
 
 def run_gts(ctx: StageContext) -> None:
@@ -659,28 +664,7 @@ def run_gen_pairs(ctx: StageContext) -> None:
             tokens = teacher_flow_map(teacher, noise, labels, steps=sec.flow_steps, power=sec.flow_power)
         return nearest_code(tokens.float(), codebook), noise
 
-    counts = write_teacher_samples(
-        pairs,
-        out,
-        num_samples=sec.num_samples,
-        shard_size=sec.shard_size,
-        batch_size=sec.batch_size,
-        num_classes=teacher.num_classes,
-        meta=meta,
-        seed=cfg.seed,
-        rank=ctx.dist.rank,
-        world_size=ctx.dist.world_size,
-        device=ctx.device,
-        stage="gen-pairs",
-    )
-    logger.info("gen-pairs rank %d: %s", ctx.dist.rank, counts)
-    eng.barrier()
-    if ctx.dist.is_main:
-        shards = sorted(p.name for p in out.glob("shard-*.tar"))
-        write_json(
-            out / "index.json", {**meta, "num_samples": sec.num_samples, "shard_size": sec.shard_size, "shards": shards}
-        )
-        logger.info("gen-pairs: %d shards, %d pairs in %s", len(shards), sec.num_samples, out)
+    _write_shards(ctx, pairs, out, sec, meta)
 
 
 def run_regress(ctx: StageContext) -> None:
