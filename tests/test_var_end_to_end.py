@@ -8,8 +8,8 @@ group structure (a generated token depends on the noise of earlier scales and it
 packages/dd2-core/tests/test_generator.py; here: the stages agree with the teacher (gen-data's shards are the
 teacher's own KV-cached samples, GTS trains the head alone first), VAR's frozen phi convs stay the VQVAE's through
 every checkpoint and the export, and the pipeline samples the same images with dd2-core alone. A second launch runs
-the recommended recipe (gen-data -> gts -> regress -> csd -> export) with ZeRO-3 engines and a ZeRO-3-partitioned
-teacher.
+the recommended recipe (gen-data -> gts -> gen-pairs -> regress -> csd -> export) with ZeRO-3 engines and a
+ZeRO-3-partitioned teacher.
 
 CI environment: DS_ACCELERATOR=cpu (set here for the subprocesses).
 """
@@ -197,11 +197,15 @@ print(json.dumps({{"absent": absent, "core": dd2_core.__file__, "shape": list(ou
 def test_zero3_with_a_sharded_var_teacher(var_run):
     """ZeRO-3 engines and a ZeRO-3-partitioned teacher (its blocks): VAR reads some weights outside their own
     module's forward (dd2_train.engine.register_child_parameters). The same samples and first GTS step as ZeRO 2.
-    With the recommended recipe: on-policy flow-map regression (the teacher's per-scale flow map), then CSD from it."""
+    With the recommended recipe: DD1 pairs of the teacher's per-scale flow map (gen-pairs), offline regression onto
+    them, then anchored CSD from the regression's EMA generator."""
     run = var_run["root"] / "zero3"
     log = _launch(var_run["config"], f"run_dir={run}", "deepspeed.zero_stage=3", "teacher.shard=true",
-                  "recipe=recommended", "stage=[gen-data,gts,regress,csd,export]", "gts.steps=2",
-                  "gts.head_only_steps=1", "regress.steps=1", "regress.batch_size=8", "csd.steps=1")  # fmt: skip
+                  "recipe=recommended", "stage=[gen-data,gts,gen-pairs,regress,csd,export]", "gts.steps=2",
+                  "gts.head_only_steps=1", "gen_pairs.num_samples=32", "gen_pairs.shard_size=8",
+                  "gen_pairs.batch_size=8", "gen_pairs.flow_steps=4", "regress.steps=1", "regress.batch_size=8",
+                  "regress.data.num_workers=0", "csd.steps=1")  # fmt: skip
+    assert len(list((run / "gen-pairs" / "shards").glob("*.tar"))) == 4
     assert "teacher: ZeRO-3 partitioned over 2 ranks" in log
     assert "generator warm-started from the EMA generator of" in (run / "csd" / "log.txt").read_text()
     for a, b in zip(sorted((run / "gen-data" / "shards").glob("*.tar")),
