@@ -201,6 +201,17 @@ def alignment_loss(f_generator: Tensor, reference: ARDiffusion | None, prefix: T
     return (f_generator.float() - f_ref.float()).pow(2).mean()
 
 
+def _with_alignment(
+    loss: Tensor, metrics: dict, weight: float, f_generator: Tensor, reference, prefix, labels
+) -> Tensor:
+    """loss + weight * alignment_loss (recorded in metrics["loss_align"]); loss unchanged when weight is 0."""
+    if weight <= 0:
+        return loss
+    align = alignment_loss(f_generator, reference, prefix, labels)
+    metrics["loss_align"] = align.detach()
+    return loss + weight * align
+
+
 @torch.no_grad()
 def start_residual_guidance(guidance: ARDiffusion) -> ARDiffusion:
     """Zero the guidance head's output layer: with csd.guidance_residual it then equals the teacher exactly.
@@ -318,10 +329,7 @@ def generator_step(
             reg = regression_loss(q, target).mean()
             loss = loss + lam * reg
             metrics |= {"loss_anchor": reg.detach(), "anchor_lambda": torch.tensor(lam)}
-        if cfg.align_weight > 0:
-            align = alignment_loss(f_gen, reference, prefix, labels)
-            loss = loss + cfg.align_weight * align
-            metrics["loss_align"] = align.detach()
+        loss = _with_alignment(loss, metrics, cfg.align_weight, f_gen, reference, prefix, labels)
         updater.backward(loss)
     updater.step()
     return metrics
@@ -364,10 +372,7 @@ def onpolicy_regression_step(
         target = flow_map_target(noise, log_probs, teacher.codebook, cfg.flow_steps, cfg.flow_power)
     loss = regression_loss(q, target).mean()
     metrics = {"loss_reg": loss.detach()}
-    if cfg.align_weight > 0:
-        align = alignment_loss(f_gen, reference, prefix, labels)
-        loss = loss + cfg.align_weight * align
-        metrics["loss_align"] = align.detach()
+    loss = _with_alignment(loss, metrics, cfg.align_weight, f_gen, reference, prefix, labels)
     updater.backward(loss)
     updater.step()
     return metrics
