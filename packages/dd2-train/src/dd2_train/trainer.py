@@ -531,6 +531,23 @@ def _accumulate(acc: dict[str, Tensor], m: Mapping[str, Tensor], n: int) -> dict
     return {k: acc.get(k, 0) + v / n for k, v in m.items()}
 
 
+def _shard_meta(ctx: StageContext, teacher, kind: str, **extra) -> dict:
+    """What every shard of gen-data / gen-pairs records (a re-run refuses shards written with other settings)."""
+    cfg = ctx.cfg
+    return {
+        "kind": kind,
+        "teacher": cfg.teacher.family,
+        "size": cfg.teacher.size,
+        "teacher_ckpt": str(cfg.teacher.ckpt),
+        "policy": teacher.policy.model_dump(mode="json"),
+        "num_tokens": teacher.num_tokens,
+        "vocab_size": int(teacher.codebook.shape[0]),
+        "num_classes": teacher.num_classes,
+        "seed": cfg.seed,
+        **extra,
+    }
+
+
 def _write_shards(ctx: StageContext, sample_fn, out: Path, sec, meta: dict) -> None:
     """gen-data / gen-pairs: every rank writes its shards (resumable), then rank 0 writes out/index.json."""
     counts = write_teacher_samples(
@@ -562,17 +579,7 @@ def run_gen_data(ctx: StageContext) -> None:
     teacher = _teacher(ctx)
     _place_teacher(ctx, teacher, teacher_forced=False)
     out = sec.out_dir or default_input(cfg, "gts")
-    meta = {
-        "kind": "teacher-samples",
-        "teacher": cfg.teacher.family,
-        "size": cfg.teacher.size,
-        "teacher_ckpt": str(cfg.teacher.ckpt),
-        "policy": teacher.policy.model_dump(mode="json"),
-        "num_tokens": teacher.num_tokens,
-        "vocab_size": int(teacher.codebook.shape[0]),
-        "num_classes": teacher.num_classes,
-        "seed": cfg.seed,
-    }
+    meta = _shard_meta(ctx, teacher, "teacher-samples")
 
     def sample(labels: Tensor, g: torch.Generator) -> Tensor:
         with ctx.autocast():
@@ -643,20 +650,8 @@ def run_gen_pairs(ctx: StageContext) -> None:
     _place_teacher(ctx, teacher)
     out = default_input(cfg, "regress-data")
     codebook = teacher.codebook.float()
-    meta = {
-        "kind": "flow-map-pairs",
-        "teacher": cfg.teacher.family,
-        "size": cfg.teacher.size,
-        "teacher_ckpt": str(cfg.teacher.ckpt),
-        "policy": teacher.policy.model_dump(mode="json"),
-        "num_tokens": teacher.num_tokens,
-        "vocab_size": int(codebook.shape[0]),
-        "token_dim": int(codebook.shape[1]),
-        "num_classes": teacher.num_classes,
-        "flow_steps": sec.flow_steps,
-        "flow_power": sec.flow_power,
-        "seed": cfg.seed,
-    }
+    meta = _shard_meta(ctx, teacher, "flow-map-pairs", token_dim=int(codebook.shape[1]), flow_steps=sec.flow_steps,
+                       flow_power=sec.flow_power)  # fmt: skip
 
     def pairs(labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         noise = torch.randn(labels.shape[0], teacher.num_tokens, codebook.shape[1], generator=g, device=ctx.device)
