@@ -234,6 +234,8 @@ def pending_stages(tc: TrainConfig) -> list[str]:
         and (tc.stage_dir("adapt") / "teacher" / "gpt.safetensors").is_file(),
         "gen-data": (tc.run_dir / "gen-data" / "shards" / "index.json").is_file(),
         "gts": _finished(tc.stage_dir("gts"), tc.gts.steps),
+        "gen-pairs": (tc.run_dir / "gen-pairs" / "shards" / "index.json").is_file(),
+        "regress": _finished(tc.stage_dir("regress"), tc.regress.steps),
         "csd": _finished(tc.stage_dir("csd"), tc.csd.steps),
         "export": (tc.export.out_dir / "config.json").is_file(),
     }
