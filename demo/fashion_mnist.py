@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dd2_core.checkpoint import atomic_write_bytes, save_safetensors
 from dd2_core.cli import image_grid, save_png
-from dd2_core.generator import OneStepGenerator
 from dd2_core.models.llamagen import LlamaGen, LlamaGenConfig
 from dd2_core.models.llamagen_vq import LlamaGenVQ, VQConfig
 from dd2_core.pipeline import OneStepPipeline, to_uint8
@@ -52,11 +51,12 @@ from dd2_core.sampling import nearest_code
 from dd2_eval.errors import MissingResourceError
 from dd2_eval.speed import time_calls
 from dd2_eval.toy import CLASS_NAMES, ToyFeatureSpace, load_fashion_mnist, load_toy_net
-from dd2_train.build import build_ar_diffusion, build_teacher
+from dd2_train.build import build_generator, build_teacher
 from dd2_train.checkpoint import RunFolder, module_weights, read_manifest, resolve_checkpoint
-from dd2_train.config import TrainConfig, deep_merge, load_config, validate_config
+from dd2_train.config import ConfigError, TrainConfig, apply_overrides, deep_merge, load_config, validate_config
 from dd2_train.data import TokenStream, expand_shards, shard_plan
 from dd2_train.tokenizer import VQTrainConfig, codebook_usage, encode_images, train_vq, write_code_shards
+from dd2_train.trainer import stage_seconds
 
 logger = logging.getLogger("demo")
 
@@ -79,18 +79,36 @@ class EvalSpec(BaseModel):
 
 
 class DemoConfig(BaseModel):
-    """One demo run: data subset, tokenizer, teacher sizes, training-run overrides, evaluation."""
+    """One demo run: data subset, tokenizer, teacher sizes, recipe, training-run overrides, evaluation."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
+    recipe: Literal["recommended", "paper"] = Field(
+        "recommended", description="the distillation recipe (dd2_train.config.RECIPES; RECIPE_TRAIN below)"
+    )
     train_images: int = Field(60000, ge=NUM_CLASSES, description="Fashion-MNIST train images used (first N)")
     vq: VQConfig
     vq_train: VQTrainConfig
     gpt: LlamaGenConfig = Field(..., description="the teacher's sizes (vocab_size = vq.codebook_size)")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of demo/fashion_mnist.yaml")
+    train_by_recipe: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="further overrides for one recipe only (keyed by recipe)"
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+
+# The paper's recipe on this demo (sessions 1-4's measured settings: CSD from model A, K = 2, m = 2, t ~ U[0.02, 0.9],
+# omega = 1, snapped prefixes, a 200-update guidance pre-fit); demo/fashion_mnist.yaml itself is the recommended one.
+RECIPE_TRAIN: dict[str, dict[str, Any]] = {
+    "recommended": {},
+    "paper": {
+        "recipe": "paper",
+        "stage": ["adapt", "gen-data", "gts", "csd", "export"],
+        "csd": {"steps": 800, "guidance_updates": 2, "fcs_draws": 2, "t_min": 0.02, "t_max": 0.9, "weighting": "none",
+                "snap_prefix": True, "guidance_prefit": 200, "generator": {"lr": 5.0e-4, "warmup_steps": 0}},
+    },
+}  # fmt: skip
 
 # 28 x 28 images, 4x downsampling: 7 x 7 = 49 tokens of a 256-code, 8-dim L2-normalised codebook
 _VQ = {"codebook_size": 256, "codebook_dim": 8, "z_channels": 32, "ch": 16, "ch_mult": (1, 2, 2),
@@ -104,11 +122,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vq": _VQ,
         "gpt": _GPT,
         "vq_train": {"steps": 200, "batch_size": 64},
-        "train": {
-            "adapt": {"steps": 500},
-            "gen_data": {"num_samples": 2000},
-            "gts": {"steps": 200},
-            "csd": {"steps": 400, "guidance_prefit": 100},
+        "train": {"adapt": {"steps": 500}, "gen_data": {"num_samples": 2000}, "gts": {"steps": 200}},
+        "train_by_recipe": {
+            "recommended": {"gen_pairs": {"num_samples": 4000}, "regress": {"steps": 800}, "csd": {"steps": 100}},
+            "paper": {"csd": {"steps": 400, "guidance_prefit": 100}},
         },
         "eval": {"samples": 500, "latency_repeats": 3, "throughput_repeats": 2},
     },
@@ -202,10 +219,14 @@ def teacher_init(cfg: DemoConfig, out: Path) -> Path:
 
 
 # -- 3-4: the training run -----------------------------------------------------------------------------------------
-def train_config(cfg: DemoConfig, out: Path, teacher_ckpt: Path) -> tuple[Path, TrainConfig]:
-    """Fill the YAML template (paths, sizes, preset overrides), validate it, write <out>/config.yaml."""
+def train_config(cfg: DemoConfig, out: Path, teacher_ckpt: Path, overrides: list[str] = ()) -> tuple[Path, TrainConfig]:
+    """Fill the YAML template (recipe, paths, sizes, preset overrides, then --set KEY=VALUE), validate it, write
+    <out>/config.yaml."""
     raw = yaml.safe_load(TEMPLATE.read_text())
+    raw = deep_merge(raw, RECIPE_TRAIN[cfg.recipe])
     raw = deep_merge(raw, cfg.train)
+    raw = deep_merge(raw, cfg.train_by_recipe.get(cfg.recipe, {}))
+    raw = apply_overrides(raw, overrides)
     raw["run_dir"] = str(out)
     raw["teacher"] |= {
         "ckpt": str(teacher_ckpt),
@@ -223,8 +244,12 @@ def train_config(cfg: DemoConfig, out: Path, teacher_ckpt: Path) -> tuple[Path, 
 
 
 def _finished(folder: Path, steps: int) -> bool:
+    """The stage folder's last checkpoint is at `steps`, or its time limit (time_limit_s) ended the stage."""
     latest = RunFolder(folder).latest_checkpoint()
-    return latest is not None and int(read_manifest(latest)["step"]) >= steps
+    if latest is None:
+        return False
+    manifest = read_manifest(latest)
+    return int(manifest["step"]) >= steps or bool(manifest.get("state", {}).get("time_limit_reached"))
 
 
 def pending_stages(tc: TrainConfig) -> list[str]:
@@ -334,13 +359,18 @@ def build_methods(tc: TrainConfig, spec: EvalSpec, teacher, pipe: OneStepPipelin
         ids = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(probs.shape[:2])  # independent positions
         return decode_ids(ids), ids, labels
 
-    gts_model = build_ar_diffusion(teacher, tc.teacher, tc.head)
-    gts_model.load_state_dict(module_weights(resolve_checkpoint(tc.stage_dir("gts")), "model"))
-    before = OneStepGenerator(gts_model).eval()
+    def generator_from(stage: str, module: str) -> Callable:
+        """A one-step sampler from a stage checkpoint's generator weights (gts: model A as the generator)."""
+        gen = build_generator(teacher, tc.teacher, tc.head, tc.onestep)
+        weights = module_weights(resolve_checkpoint(tc.stage_dir(stage)), module)
+        (gen.model if module == "model" else gen).load_state_dict(weights)
+        gen.eval()
 
-    def before_csd(labels, g):
-        tokens = before(before.sample_noise(labels.shape[0], generator=g), labels)
-        return to_uint8(teacher.decode_tokens(tokens)), nearest_code(tokens, codebook), labels
+        def draw(labels, g):
+            tokens = gen(gen.sample_noise(labels.shape[0], generator=g), labels)
+            return to_uint8(teacher.decode_tokens(tokens)), nearest_code(tokens, codebook), labels
+
+        return draw
 
     test_images, test_labels = test
     by_class = [np.flatnonzero(test_labels == c) for c in range(NUM_CLASSES)]
@@ -358,14 +388,20 @@ def build_methods(tc: TrainConfig, spec: EvalSpec, teacher, pipe: OneStepPipelin
 
     k = spec.refine_groups
     n = tc.teacher.gpt.num_tokens
-    return [
+    methods = [
         Method("teacher", "teacher (AR)", str(n), teacher_ar),
         Method("dd2", "DD2 one-step", "1", one_step),
         Method(f"dd2_refine{k}", f"DD2 + teacher, last {k} tokens", str(1 + k), refined),
         Method("set_prediction", "set prediction (marginals)", "1", set_prediction),
-        Method("before_csd", "one-step before CSD (GTS init)", "1", before_csd),
+    ]
+    if "regress" in tc.stages:  # the recommended recipe's warm start, before its CSD phase
+        regressed = generator_from("regress", "ema")
+        methods.append(Method("regress", "one-step after regression (before CSD)", "1", regressed))
+    methods += [
+        Method("before", "one-step before distillation (GTS init)", "1", generator_from("gts", "model")),
         Method("reconstruction", "tokenizer reconstruction", "-", reconstruction),
     ]
+    return methods
 
 
 @torch.no_grad()
@@ -416,7 +452,81 @@ def overview_png(rows: list[tuple[str, torch.Tensor]], path: Path, *, per_class:
     save_png(torch.from_numpy(np.asarray(canvas).copy()), path)
 
 
-def evaluate(tc: TrainConfig, cfg: DemoConfig, out: Path, vq: LlamaGenVQ, test, data_dir: str | None) -> dict:
+def measure(m: Method, cfg: DemoConfig, teacher, space: ToyFeatureSpace, reference) -> tuple[dict, torch.Tensor]:
+    """One report row: eval.samples images of `m` (balanced classes, seed + 1) on the toy metrics, the teacher's NLL
+    and speed. Returns (row, images)."""
+    spec = cfg.eval
+    labels = balanced_labels(spec.samples)
+    tic = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    parts = [m.draw(labels[i : i + 500], g) for i in range(0, len(labels), 500)]
+    images, ids, y = (torch.cat(p) for p in zip(*parts, strict=True))
+    seconds = time.perf_counter() - tic
+    metrics = space.metrics(images, reference)
+    row = {
+        "name": m.name,
+        "steps": m.steps,
+        "fd": metrics.fd,
+        "precision": metrics.precision,
+        "recall": metrics.recall,
+        "density": metrics.density,
+        "coverage": metrics.coverage,
+        "accuracy": space.accuracy(images, y),
+        "nll": teacher_nll(teacher, ids, y),
+        **speed(m, spec),
+        "sampling_s": seconds,
+    }
+    logger.info("report: %s: fd %.2f, recall %.3f, acc %.3f (%.1f s)", m.name, row["fd"], row["recall"],
+                row["accuracy"], seconds)  # fmt: skip
+    return row, images
+
+
+def class_grid(images: torch.Tensor, samples: int) -> torch.Tensor:
+    """The first (up to) 10 images of each class of a balanced batch, one row per class."""
+    per = samples // NUM_CLASSES
+    idx = torch.cat([torch.arange(c * per, c * per + min(per, 10)) for c in range(NUM_CLASSES)])
+    return image_grid(images[idx], rows=NUM_CLASSES)
+
+
+def balanced_subset(images: torch.Tensor, samples: int, n: int) -> torch.Tensor:
+    """n images of a class-major balanced batch of `samples`, n / 10 from each class."""
+    per, take = samples // NUM_CLASSES, n // NUM_CLASSES
+    return torch.cat([images[c * per : c * per + take] for c in range(NUM_CLASSES)])
+
+
+def inception_fids(grids: dict[str, torch.Tensor], samples: int, n: int, test, folder: Path) -> dict:
+    """Inception FID (dd2_eval, ADM-compatible pool3, images resized to 299) of n images per method against the
+    statistics of n_ref balanced Fashion-MNIST test images; the npz batches stay in `folder` for `dd2-eval metrics`."""
+    from dd2_eval.evaluator import EvalConfig, write_reference_stats
+    from dd2_eval.evaluator import evaluate as inception_evaluate
+    from dd2_eval.inception import load_inception
+    from dd2_eval.npz import write_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ecfg = EvalConfig(progress=False)
+    net = load_inception(None, device="cpu")
+    test_images, test_labels = test
+    n_ref = min(2 * n, len(test_images))
+    picks = np.concatenate([np.flatnonzero(test_labels == c)[: n_ref // NUM_CLASSES] for c in range(NUM_CLASSES)])
+    ref_images = np.repeat(test_images[picks][..., None], 3, axis=-1) if test_images.ndim == 3 else test_images[picks]
+    ref_stats = folder / f"reference_{len(picks)}_stats.npz"
+    tic = time.perf_counter()
+    if not ref_stats.is_file():
+        write_images(folder / "reference.npz", ref_images)
+        write_reference_stats(folder / "reference.npz", ref_stats, ecfg, net=net)
+    fids = {}
+    for key, images in grids.items():
+        batch = folder / f"{key}.npz"
+        write_images(batch, balanced_subset(images, samples, n).numpy())
+        fids[key] = inception_evaluate(batch, ref_stats, ecfg, net=net).fid
+        logger.info("inception FID %s: %.2f", key, fids[key])
+    return {"fid": fids, "images_per_method": n, "reference_images": len(picks),
+            "seconds": round(time.perf_counter() - tic, 1)}  # fmt: skip
+
+
+def evaluate(
+    tc: TrainConfig, cfg: DemoConfig, out: Path, vq: LlamaGenVQ, test, data_dir: str | None, inception_images: int = 0
+) -> dict:
     spec = cfg.eval
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -425,42 +535,26 @@ def evaluate(tc: TrainConfig, cfg: DemoConfig, out: Path, vq: LlamaGenVQ, test, 
     space = ToyFeatureSpace(load_toy_net(data_dir=data_dir))
     test_images, test_labels = test
     reference = test_images  # all 10k test images
-    labels = balanced_labels(spec.samples)
-    rows, grids = {}, []
+    rows, grids = {}, {}
     for m in build_methods(tc, spec, teacher, pipe, test, vq):
-        tic = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        parts = [m.draw(labels[i : i + 500], g) for i in range(0, len(labels), 500)]
-        images, ids, y = (torch.cat(p) for p in zip(*parts, strict=True))
-        seconds = time.perf_counter() - tic
-        metrics = space.metrics(images, reference)
-        row = {
-            "name": m.name,
-            "steps": m.steps,
-            "fd": metrics.fd,
-            "precision": metrics.precision,
-            "recall": metrics.recall,
-            "density": metrics.density,
-            "coverage": metrics.coverage,
-            "accuracy": space.accuracy(images, y),
-            "nll": teacher_nll(teacher, ids, y),
-            **speed(m, spec),
-            "sampling_s": seconds,
-        }
-        rows[m.key] = row
-        per = spec.samples // NUM_CLASSES
-        grid_idx = torch.cat([torch.arange(c * per, c * per + min(per, 10)) for c in range(NUM_CLASSES)])
-        save_png(image_grid(images[grid_idx], rows=NUM_CLASSES), report_dir / f"{m.key}.png")
-        grids.append((m.name, images))
-        logger.info("report: %s: fd %.2f, recall %.3f, acc %.3f (%.1f s)", m.name, row["fd"], row["recall"],
-                    row["accuracy"], seconds)  # fmt: skip
+        rows[m.key], images = measure(m, cfg, teacher, space, reference)
+        save_png(class_grid(images, spec.samples), report_dir / f"{m.key}.png")
+        grids[m.key] = images
     teacher_nll_own = rows["teacher"]["nll"]
     for row in rows.values():
         row["nll_gap"] = row["nll"] - teacher_nll_own
-    overview_png(grids, report_dir / "overview.png")
+    overview_png([(rows[k]["name"], v) for k, v in grids.items()], report_dir / "overview.png")
     sp, te, dd = rows["set_prediction"]["fd"], rows["teacher"]["fd"], rows["dd2"]["fd"]
+    inception = None
+    if inception_images:
+        inception = inception_fids(grids, spec.samples, inception_images, test, report_dir / "inception")
+        inception |= {
+            "order_inception": sorted(inception["fid"], key=inception["fid"].get),
+            "order_toy": sorted(rows, key=lambda k: rows[k]["fd"]),
+        }
     return {
         "rows": rows,
+        "inception": inception,
         "gap_closed": (sp - dd) / (sp - te) if sp != te else float("nan"),
         "pipeline_source": json.loads((tc.export.out_dir / "teacher_ref.json").read_text())["source_checkpoint"],
         "samples_per_method": spec.samples,
@@ -468,6 +562,86 @@ def evaluate(tc: TrainConfig, cfg: DemoConfig, out: Path, vq: LlamaGenVQ, test, 
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
+
+
+# -- --compare: other distillation methods from the same model A at the main run's distillation wall time -------------
+COMPARE: dict[str, str] = {
+    "paper": "paper recipe (CSD from model A)",
+    "dd1": "DD1 offline regression alone",
+    "onpolicy": "on-policy regression alone",
+}
+DISTIL_STAGES = ("gen-pairs", "regress", "csd")  # what the budget W measures (the stages after model A)
+
+
+def compare_config(main_raw: dict, out: Path, key: str, budget: float, pairs_seconds: float) -> dict:
+    """The training config of one --compare method: the main run's resolved config, the method's stages from the
+    main run's model A (gts) and adapted teacher, its training steps capped at `budget` seconds (`time_limit_s`;
+    DD1's gen-pairs time counts against its budget, as it reuses the main run's pairs)."""
+    run = out / "compare" / key
+    unlimited = 10**7  # the time limit ends these stages
+    common = {"run_dir": str(run), "teacher": {"adapted": str(out / "adapt")},
+              "export": {"out_dir": str(run / "pipeline")}}  # fmt: skip
+    if key == "paper":
+        raw = deep_merge(main_raw, RECIPE_TRAIN["paper"])
+        return deep_merge(raw, common | {
+            "stage": ["csd", "export"],
+            "csd": {"init_from": str(out / "gts"), "steps": unlimited, "time_limit_s": budget},
+        })  # fmt: skip
+    regress = {"init_from": str(out / "gts"), "steps": unlimited}
+    if key == "dd1":
+        regress |= {"mode": "offline", "time_limit_s": max(1.0, budget - pairs_seconds),
+                    "data": {"shards": str(out / "gen-pairs" / "shards")}}  # fmt: skip
+    else:
+        regress |= {"mode": "onpolicy", "time_limit_s": budget}
+    export = common["export"] | {"init_from": str(run / "regress")}
+    return deep_merge(main_raw, common | {"stage": ["regress", "export"], "regress": regress, "export": export})
+
+
+def run_compare(tc: TrainConfig, cfg: DemoConfig, out: Path, vq, test, args, threads: int) -> dict:
+    """Train (resumably) and measure the --compare methods; returns {"budget_s", "rows"} (the DD2 row included)."""
+    missing = [s for s in DISTIL_STAGES if s not in tc.stages]
+    if missing:
+        raise SystemExit(f"demo: --compare measures against the recommended recipe's stages; this run has no {missing}")
+    budget = sum(stage_seconds(tc.stage_dir(s)) for s in DISTIL_STAGES)
+    pairs_seconds = stage_seconds(tc.stage_dir("gen-pairs"))
+    main_raw = yaml.safe_load((out / "config.yaml").read_text())
+    teacher = build_teacher(tc.teacher, device=torch.device("cpu"), dtype=torch.float32, run_dir=tc.run_dir)
+    space = ToyFeatureSpace(load_toy_net(data_dir=args.data))
+    rows = {}
+    for key, name in COMPARE.items():
+        raw = compare_config(main_raw, out, key, budget, pairs_seconds)
+        run_tc = validate_config(raw)
+        path = Path(raw["run_dir"]) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, yaml.safe_dump(raw, sort_keys=False).encode())
+        stages = pending_stages(run_tc)
+        if stages:
+            launch(path, stages, args.launcher, threads)
+        pipe = OneStepPipeline.from_pretrained(run_tc.export.out_dir)
+
+        def draw(labels, g, pipe=pipe):
+            o = pipe(labels, generator=g)
+            return o.images, nearest_code(o.tokens, teacher.codebook), labels
+
+        row, _ = measure(Method(key, name, "1", draw), cfg, teacher, space, test[0])
+        trained = run_tc.stages[0]
+        state = read_manifest(resolve_checkpoint(run_tc.stage_dir(trained)))["state"]
+        rows[key] = row | {"train_seconds": state.get("train_seconds"), "train_steps": state["step"]}
+    return {"budget_s": budget, "pairs_s": pairs_seconds, "rows": rows}
+
+
+def compare_table(result: dict, compare: dict) -> str:
+    dd2 = result["rows"]["dd2"]
+    lines = ["| method (same model A, same distillation wall time) | training | FD ↓ | precision ↑ | recall ↑ | "
+             "class acc ↑ | teacher NLL |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    both = [("dd2", dd2 | {"training": f"{compare['budget_s']:.0f} s (gen-pairs + regress + csd)"})]
+    for key, row in compare["rows"].items():
+        steps = "rounds" if key == "paper" else "steps"
+        both.append((key, row | {"training": f"{row['train_seconds']:.0f} s, {row['train_steps']} {steps}"}))
+    for _, row in both:
+        lines.append(f"| {row['name']} | {row['training']} | {row['fd']:.2f} | {row['precision']:.3f} | "
+                     f"{row['recall']:.3f} | {row['accuracy']:.3f} | {row['nll']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 COLUMNS = [("steps", "steps", "{}"), ("fd", "FD ↓", "{:.2f}"), ("precision", "precision ↑", "{:.3f}"),
@@ -483,6 +657,26 @@ def table(result: dict) -> str:
     for row in result["rows"].values():
         lines.append(f"| {row['name']} | " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def inception_section(result: dict) -> list[str]:
+    """report.md lines: toy FD next to Inception FID, and the two rankings (empty without --inception)."""
+    inc = result.get("inception")
+    if not inc:
+        return []
+    rows = result["rows"]
+    lines = [
+        f"Inception FID ({inc['images_per_method']} images per method against {inc['reference_images']} test "
+        f"images; `dd2-eval metrics` on report/inception/*.npz gives the same numbers) next to the toy FD:",
+        "",
+        "| method | toy FD | Inception FID |",
+        "|---|---:|---:|",
+        *(f"| {rows[k]['name']} | {rows[k]['fd']:.2f} | {v:.2f} |" for k, v in inc["fid"].items()),
+        "",
+        "Order, best first: toy " + " < ".join(inc["order_toy"]) + "; Inception " + " < ".join(inc["order_inception"]),
+        "",
+    ]
+    return lines
 
 
 def write_report(result: dict, cfg: DemoConfig, tc: TrainConfig, out: Path) -> None:
@@ -514,6 +708,7 @@ def write_report(result: dict, cfg: DemoConfig, tc: TrainConfig, out: Path) -> N
         "",
         "![overview](overview.png)",
         "",
+        *inception_section(result),
         "Grids (one row per class): " + ", ".join(f"[{result['rows'][k]['name']}]({k}.png)" for k in keys),
         "",
         "Wall time of this run's steps (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
@@ -528,9 +723,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: the Debian path)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="size of the run (default: full)")
+    p.add_argument("--recipe", choices=sorted(RECIPE_TRAIN), default=None,
+                   help="distillation recipe (default: recommended = flow-map regression warm start + anchored CSD; "
+                   "paper = CSD from model A as published); use a separate --out for each")  # fmt: skip
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training-config value (dd2_train TrainConfig; repeatable), e.g. --set "
+                   "regress.steps=4000; a finished stage is not rerun: use a new --out")  # fmt: skip
     p.add_argument("--csd-steps", type=int, default=None,
                    help="CSD rounds instead of the preset's; on a finished run folder CSD resumes from its last "
-                   "checkpoint and continues (full preset: 800; at t_min 0.1, 3000 gave FD 56 -> 32)")  # fmt: skip
+                   "checkpoint and continues")  # fmt: skip
+    p.add_argument("--compare", action="store_true",
+                   help="after the main run, distil the same model A with the paper recipe, DD1's offline "
+                   "regression and on-policy regression alone, each for the main run's distillation wall time, "
+                   "and write report/compare.md (outside the main job's time budget)")  # fmt: skip
+    p.add_argument("--inception", type=int, default=0, metavar="N",
+                   help="also measure the Inception FID (dd2_eval, ADM-compatible) of N images per method against "
+                   "2N balanced test images, and compare its ranking with the toy feature space's (slow on a CPU: "
+                   "about 10 minutes at N = 1000); recomputes the report")  # fmt: skip
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="training launcher")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--redo-report", action="store_true", help="recompute the report even if it is up to date")
@@ -545,12 +754,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     preset = PRESETS[args.preset]
+    if args.recipe is not None:
+        preset = preset | {"recipe": args.recipe}
     if args.csd_steps is not None:
         if args.csd_steps < 1:
             print(f"demo: --csd-steps must be >= 1, got {args.csd_steps}", file=sys.stderr)
             return 2
-        preset = deep_merge(preset, {"train": {"csd": {"steps": args.csd_steps}}})
+        args.overrides.append(f"csd.steps={args.csd_steps}")
     cfg = DemoConfig.model_validate(preset)
+    if args.inception and not (NUM_CLASSES <= args.inception <= cfg.eval.samples and args.inception % NUM_CLASSES == 0):
+        print(f"demo: --inception: expected a multiple of {NUM_CLASSES} between {NUM_CLASSES} and the report's "
+              f"{cfg.eval.samples} images per method, got {args.inception}", file=sys.stderr)  # fmt: skip
+        return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
@@ -565,7 +780,11 @@ def main(argv: list[str] | None = None) -> int:
 
     vq = tokenizer_stage(cfg, out, train_images, clock)
     codes_stage(cfg, out, vq, train_images, train_labels, clock)
-    config_path, tc = train_config(cfg, out, teacher_init(cfg, out))
+    try:
+        config_path, tc = train_config(cfg, out, teacher_init(cfg, out), args.overrides)
+    except ConfigError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     stages = pending_stages(tc)
     if stages:
         clock.run("train " + ",".join(stages), lambda: launch(config_path, stages, args.launcher, threads))
@@ -583,21 +802,30 @@ def main(argv: list[str] | None = None) -> int:
     report_json = out / "report" / "report.json"
     source = json.loads((tc.export.out_dir / "teacher_ref.json").read_text())["source_checkpoint"]
     previous = json.loads(report_json.read_text()) if report_json.is_file() else None
-    if previous is not None and previous.get("pipeline_source") == source and not args.redo_report:
+    if previous is not None and previous.get("pipeline_source") == source and not (args.redo_report or args.inception):
         result = previous
         clock.reused("report")
     else:
-        result = clock.run("report", lambda: evaluate(tc, cfg, out, vq, test, args.data))
+        result = clock.run("report", lambda: evaluate(tc, cfg, out, vq, test, args.data, args.inception))
         result["timings"] = dict(clock.steps)
         result["preset"] = args.preset
         write_report(result, cfg, tc, out)
     logger.info("this run: %.1f s (%s)", clock.total, clock.steps)
+    compare = None
+    if args.compare:
+        compare = run_compare(tc, cfg, out, vq, test, args, threads)
+        write_json(out / "report" / "compare.json", compare)
+        md = (f"# --compare: the same model A, {compare['budget_s']:.0f} s of distillation each\n\n"
+              f"{compare_table(result, compare)}\n")  # fmt: skip
+        atomic_write_bytes(out / "report" / "compare.md", md.encode())
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result | ({"compare": compare} if compare else {}), indent=1))
     else:
         print()
         print(table(result))
         print(f"\nDD2 one-step closes {result['gap_closed']:.0%} of the FD gap between set prediction and the teacher.")
+        if compare:
+            print("\n" + compare_table(result, compare))
         print(f"report: {out / 'report' / 'report.md'}  (this run: {clock.total:.0f} s)")
     return 0
 

@@ -197,3 +197,22 @@ def test_official_kv_cache_buffers_are_ignored(files, tmp_path):
     torch.save({"model": sd}, tmp_path / "after_sampling.pt")
     t = LlamaGenTeacher.from_checkpoints(make_cfg(), tmp_path / "after_sampling.pt", files["dir"] / "vq.pt")
     assert "layers.0.attention.kv_cache.k_cache" not in t.model.state_dict()
+
+
+@pytest.mark.parametrize("policy", [POLICY, SamplingPolicy(cfg_scale=1.5, cfg_schedule="ramp", top_k=0, top_p=0.9,
+                                                           temperature=0.8)])  # fmt: skip
+def test_kv_cached_flow_map_equals_teacher_forced_passes(files, policy):
+    """The KV-cached flow map (one decode step per token) = the generic one (N teacher-forced passes on the
+    continuous prefix), with CFG (constant and ramped), top-k, top-p and temperature."""
+    from dd2_core.sampling import teacher_flow_map
+
+    t = LlamaGenTeacher.from_checkpoints(make_cfg(policy=policy), files["dir"] / "gpt.pt", files["dir"] / "vq.pt")
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(6, t.num_tokens, 8, generator=g)
+    labels = torch.tensor([0, 3, 9, 1, 1, 5])
+    cached = teacher_flow_map(t, noise, labels, steps=16)
+    forced = teacher_flow_map(t, noise, labels, steps=16, cached=False)
+    torch.testing.assert_close(cached, forced, atol=2e-5, rtol=0)
+    assert (cached - noise).abs().mean() > 0.1  # it moved: not a trivial identity
+    with pytest.raises(DD2ValueError, match="labels"):
+        t.flow_map(noise, labels[:5], steps=4)

@@ -25,6 +25,7 @@ from dd2_teachers.registry import load_teacher
 from dd2_teachers.toy import ToyTeacher, ToyTeacherConfig
 from dd2_train.checkpoint import RunFolder, module_weights, read_manifest
 from dd2_train.data import write_shard
+from dd2_train.trainer import stage_seconds
 
 TESTS = Path(__file__).resolve().parent
 RUN_PY = TESTS.parent / "run.py"
@@ -233,3 +234,26 @@ def test_sigkill_resume_is_bitwise_equal(setup, zero2_run):
         for name in names:
             a, b = module_weights(ref, name), module_weights(got, name)
             assert all(torch.equal(a[k], b[k]) for k in a), (stage, name)
+
+
+def test_time_limit_ends_a_stage_and_counts_as_complete(setup, zero2_run):
+    """`<stage>.time_limit_s` (equal-time comparisons): the stage stops at the first step past the budget with a
+    checkpoint that records it, and a second launch treats the stage as complete instead of training on."""
+    args = [f"run_dir={zero2_run}", "deepspeed.zero_stage=2", "stage=[regress]", "name=regress-timed",
+            "regress.steps=1000000", "regress.time_limit_s=2", "checkpoint.every=1000000"]  # fmt: skip
+    first = _launch(RUN_PY, setup["config"], *args)
+    _ok(first)
+    folder = RunFolder(zero2_run / "regress-timed")
+    latest = folder.latest_checkpoint()
+    state = read_manifest(latest)["state"]
+    assert state["time_limit_reached"] is True and 2.0 <= state["train_seconds"] < 60, state
+    assert 1 <= state["step"] < 1_000_000 and max(_log(zero2_run / "regress-timed")) == state["step"]
+    assert "time limit 2 s reached after" in first.stderr
+    second = _launch(RUN_PY, setup["config"], *args)
+    _ok(second)
+    assert "already complete (its time limit was reached)" in second.stderr
+    assert folder.latest_checkpoint() == latest and [p for _, p in folder.complete_checkpoints()] == [latest]
+    launches = [json.loads(line) for line in (zero2_run / "regress-timed" / "launches.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in launches] == ["regress", "regress"]  # one wall-time record per launch
+    assert stage_seconds(zero2_run / "regress-timed") == pytest.approx(sum(r["seconds"] for r in launches))
+    assert launches[0]["seconds"] >= 2.0

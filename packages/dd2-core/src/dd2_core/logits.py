@@ -107,6 +107,15 @@ def policy_log_probs(
             raise DD2ValueError(f"uncond logits: the policy uses CFG (scale {policy.cfg_scale}) but none were given")
         expect_shape("uncond logits", uncond, tuple(cond.shape))
         logits = cfg_combine(logits, uncond.float(), guidance_weights(policy, token_groups, device=cond.device))
+    return filtered_log_probs(logits, policy)
+
+
+def filtered_log_probs(logits: Tensor, policy: SamplingPolicy) -> Tensor:
+    """Guided logits -> log-probs after the policy's temperature, top-k and top-p (filtered codes -inf).
+
+    Shapes: (..., V) -> (..., V) float32.
+    """
+    logits = logits.float()
     if policy.temperature != 1.0:
         logits = logits / policy.temperature
     logits = top_k_filter(logits, policy.top_k)

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from dd2_core.checkpoint import load_strict, read_state_dict
 from dd2_core.errors import CheckpointError, DD2ValueError, expect_labels, expect_shape
-from dd2_core.logits import SamplingPolicy, policy_log_probs
+from dd2_core.logits import SamplingPolicy, cfg_combine, filtered_log_probs, guidance_weights, policy_log_probs
 from dd2_core.models.llamagen import LLAMAGEN_PRESETS, EmbeddingFit, LlamaGen, LlamaGenConfig
 from dd2_core.models.llamagen_vq import VQ_PRESETS, LlamaGenVQ, VQConfig
+from dd2_core.sampling import integrate_teacher_flow
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +293,41 @@ class LlamaGenTeacher(nn.Module):
     def sample(self, labels: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """KV-cached AR sampling with the teacher's policy.  Shapes: labels (B,) -> ids (B, N) int64."""
         return self.generate(labels, generator=generator)
+
+    @torch.no_grad()
+    def flow_map(self, noise: Tensor, labels: Tensor, *, steps: int = 64, power: float = 2.0) -> Tensor:
+        """DD1's flow map F(eps) through the KV cache: at each position the guided, filtered p(. | F_<i, class) of
+        one decode step, the exact teacher flow integrated from noise_i (`integrate_teacher_flow`), and the
+        continuous result fed back through cont_embed, as the teacher-forced passes of
+        `dd2_core.sampling.teacher_flow_map(cached=False)` do, at the cost of one AR sampling pass.
+
+        Shapes: noise (B, N, C), labels (B,) -> tokens (B, N, C) float32.
+        """
+        model, n = self.model, self.num_tokens
+        expect_shape("noise", noise, (None, n, self.model.cfg.codebook_dim))
+        expect_labels("labels", labels, self.num_classes, allow_null=False, batch=noise.shape[0])
+        device, dtype = noise.device, model.norm.weight.dtype
+        use_cfg = self.policy.uses_cfg
+        rows_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if use_cfg else labels
+        model.setup_cache(rows_labels.shape[0], device=device, dtype=dtype)
+        step = self._step(device) or model.step
+        weights = guidance_weights(self.policy, self.token_groups, device=device)  # (N,)
+        codebook = self.codebook.to(device)
+        positions = torch.arange(n, device=device)
+        out = torch.empty(noise.shape, device=device, dtype=torch.float32)
+        x = model.cls_embedding(rows_labels)  # (R, 1, D)
+        for i in range(n):
+            logits = step(x, positions[i : i + 1])  # (R, 1, V)
+            if use_cfg:
+                cond, uncond = logits.chunk(2)
+                logits = cfg_combine(cond, uncond, weights[i : i + 1])
+            log_probs = filtered_log_probs(logits, self.policy)  # (B, 1, V)
+            out[:, i : i + 1] = integrate_teacher_flow(noise[:, i : i + 1].float(), log_probs, codebook, steps=steps,
+                                                       power=power)  # fmt: skip
+            if i + 1 < n:
+                prev = torch.cat([out[:, i : i + 1]] * 2) if use_cfg else out[:, i : i + 1]  # (R, 1, C)
+                x = model.cont_embed(prev.to(dtype)).to(dtype)
+        return out
 
     # -- sampling and decoding --------------------------------------------------------------------------------------
 

@@ -189,6 +189,13 @@ class _Batched(_Strict):
     steps: int = Field(..., ge=1, description="optimizer steps of this stage")
     batch_size: int = Field(..., ge=1, description="global batch per optimizer step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    time_limit_s: float | None = Field(
+        None,
+        gt=0,
+        description="optional wall-time budget of the stage's training steps (seconds, summed over resumes): the "
+        "stage ends at the first step past it, with a checkpoint there, as if `steps` had been reached; for "
+        "equal-time comparisons (set `steps` high). Learning-rate and anchor schedules still run on `steps`",
+    )
 
 
 class AdaptStage(_Batched):

@@ -181,9 +181,33 @@ def run_stage(cfg: TrainConfig, stage: str, dist: eng.DistInfo, precision: str) 
     rng = torch.Generator(device=dist.device).manual_seed(derive_seed(cfg.seed, stage, "loop", dist.rank))
     ctx = StageContext(cfg, stage, dist, folder, precision, rng)
     logger.info("stage %s -> %s", stage, folder.path)
+    tic = time.perf_counter()
     STAGES[stage](ctx)
     _write_snapshot(ctx)  # stages without a checkpoint (gen-data, export): once they succeeded
     eng.barrier()
+    seconds = time.perf_counter() - tic
+    logger.info("stage %s done in %.1f s", stage, seconds)
+    if dist.is_main:  # one line per launch that ran the stage (a resumed stage has several): its wall time
+        with open(folder.path / LAUNCHES_FILE, "a") as f:
+            f.write(json.dumps({"stage": stage, "seconds": round(seconds, 3), "world_size": dist.world_size,
+                                "end": time.time()}) + "\n")  # fmt: skip
+
+
+LAUNCHES_FILE = "launches.jsonl"
+
+
+def stage_seconds(stage_dir: str | Path) -> float:
+    """Wall time a stage folder's stage took, summed over the launches that ran it (0.0 if none finished);
+    unreadable lines (a launch killed while writing) are skipped."""
+    path = Path(stage_dir) / LAUNCHES_FILE
+    total = 0.0
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                total += float(json.loads(line)["seconds"])
+            except (ValueError, TypeError, KeyError):
+                continue
+    return total
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -400,8 +424,13 @@ class _Loop:
     total: int
     samples_per_step: int
     start: int = 0
+    time_limit: float | None = None  # the stage's time_limit_s
 
     def __post_init__(self) -> None:
+        resumed = self.ctx.extra.get("resumed_state", {}) if self.start else {}
+        self.seconds_before = float(resumed.get("train_seconds", 0.0))  # training time of earlier launches
+        self.stopped = bool(resumed.get("time_limit_reached", False))
+        self.tic = time.perf_counter()
         self.speed = Throughput(self.start, self.total, self.samples_per_step)
         self.ctx.metrics = MetricsLogger(
             self.ctx.folder.path,
@@ -412,17 +441,38 @@ class _Loop:
         )
 
     def steps(self) -> Iterator[int]:
-        if self.start >= self.total:
-            logger.info("stage %s already complete (%d/%d steps)", self.ctx.stage, self.start, self.total)
-        return iter(range(self.start, self.total))
+        if self.start >= self.total or self.stopped:
+            why = "its time limit was reached" if self.stopped else f"{self.start}/{self.total} steps"
+            logger.info("stage %s already complete (%s)", self.ctx.stage, why)
+            return
+        for step in range(self.start, self.total):
+            yield step
+            if self.stopped:
+                return
+
+    @property
+    def seconds(self) -> float:
+        """Training wall time of this stage so far, earlier launches included."""
+        return self.seconds_before + time.perf_counter() - self.tic
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records of the loop: the step, the training time, whether the time limit ended it."""
+        return {"step": step, "train_seconds": round(self.seconds, 3), "time_limit_reached": self.stopped}
 
     def after(self, step: int, metrics: Mapping[str, Tensor], save: Callable[[int], None]) -> None:
-        """`step` (0-based) just finished: log and save on their cadences (both are collectives)."""
+        """`step` (0-based) just finished: log and save on their cadences (both are collectives); past the time
+        limit (rank 0's clock decides, for every rank) the stage ends here with a checkpoint."""
         done = step + 1
         cfg = self.ctx.cfg
-        if done % cfg.log.every == 0 or done == self.total:
+        if self.time_limit is not None and done < self.total:
+            self.stopped = bool(eng.broadcast_object(self.seconds >= self.time_limit))
+            if self.stopped:
+                logger.info("stage %s: time limit %.0f s reached after %d/%d steps (%.1f s)", self.ctx.stage,
+                            self.time_limit, done, self.total, self.seconds)  # fmt: skip
+        last = done == self.total or self.stopped
+        if done % cfg.log.every == 0 or last:
             self.ctx.metrics.log(done, self.total, metrics, self.speed.update(done))
-        if done % cfg.checkpoint.every == 0 or done == self.total:
+        if done % cfg.checkpoint.every == 0 or last:
             save(done)
 
     def close(self) -> None:
@@ -443,7 +493,9 @@ def _resume_or_init(ctx: StageContext, load: Callable[[Path], dict], init: Calla
         init()
         start = 0
     else:
-        start = int(load(Path(latest))["step"])
+        manifest = load(Path(latest))
+        start = int(manifest["step"])
+        ctx.extra["resumed_state"] = dict(manifest.get("state") or {})
     _truncate_log(ctx, start)
     _write_snapshot(ctx)
     return start
@@ -503,10 +555,10 @@ def run_adapt(ctx: StageContext) -> None:
     start = _resume_or_init(
         ctx, lambda d: load_checkpoint(ctx, d, engines={"model": engine}, stream=stream), lambda: None
     )
-    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start, sec.time_limit_s)
 
     def save(step: int) -> None:
-        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state={"step": step})
+        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state=loop.state(step))
 
     engine.train()
     for step in loop.steps():
@@ -602,12 +654,12 @@ def run_gts(ctx: StageContext) -> None:
     start = _resume_or_init(
         ctx, lambda d: load_checkpoint(ctx, d, engines={"model": engine}, stream=stream), lambda: None
     )
-    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start, sec.time_limit_s)
     loss_fields = sec.model_dump(include=set(GTSConfig.model_fields))
     phase_cfg = {flag: GTSConfig.model_validate(loss_fields | {"head_only": flag}) for flag in (False, True)}
 
     def save(step: int) -> None:
-        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state={"step": step})
+        save_checkpoint(ctx, step, engines={"model": engine}, stream=stream, state=loop.state(step))
 
     engine.train()
     for step in loop.steps():
@@ -694,13 +746,13 @@ def run_regress(ctx: StageContext) -> None:
         lambda d: load_checkpoint(ctx, d, engines={"generator": engine}, files={"ema": ema}, stream=stream),
         lambda: None,
     )
-    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start, sec.time_limit_s)
     step_cfg = RegressConfig.model_validate(sec.model_dump(include=set(RegressConfig.model_fields)))
     codebook = teacher.codebook.float()
 
     def save(step: int) -> None:
         save_checkpoint(ctx, step, engines={"generator": engine}, files={"ema": ema}, stream=stream,
-                        state={"step": step})  # fmt: skip
+                        state=loop.state(step))  # fmt: skip
 
     engine.train()
     for step in loop.steps():
@@ -788,7 +840,7 @@ def run_csd(ctx: StageContext) -> None:
     engines = {"generator": gen_engine, "guidance": gui_engine}
     _seed_rank(ctx)
     start = _resume_or_init(ctx, lambda d: load_checkpoint(ctx, d, engines=engines, files={"ema": ema}), lambda: None)
-    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start, sec.time_limit_s)
     step_cfg = CSDConfig.model_validate(sec.model_dump(include=set(CSDConfig.model_fields)))
     micro = gen_engine.train_micro_batch_size_per_gpu()
 
@@ -796,7 +848,7 @@ def run_csd(ctx: StageContext) -> None:
         return torch.randint(teacher.num_classes, (micro,), generator=ctx.rng, device=ctx.device)
 
     def save(step: int) -> None:
-        save_checkpoint(ctx, step, engines=engines, files={"ema": ema}, state={"step": step})
+        save_checkpoint(ctx, step, engines=engines, files={"ema": ema}, state=loop.state(step))
 
     gen_engine.train()
     gui_engine.train()
@@ -871,12 +923,12 @@ def run_align(ctx: StageContext) -> None:
     start = _resume_or_init(
         ctx, lambda d: load_checkpoint(ctx, d, engines={"guidance": gui_engine}, files=files), lambda: None
     )
-    loop = _Loop(ctx, sec.steps, sec.batch_size, start)
+    loop = _Loop(ctx, sec.steps, sec.batch_size, start, sec.time_limit_s)
     step_cfg = CSDConfig.model_validate(cfg.csd.model_dump(include=set(CSDConfig.model_fields)))
     micro = gui_engine.train_micro_batch_size_per_gpu()
 
     def save(step: int) -> None:
-        save_checkpoint(ctx, step, engines={"guidance": gui_engine}, files=files, state={"step": step})
+        save_checkpoint(ctx, step, engines={"guidance": gui_engine}, files=files, state=loop.state(step))
 
     gui_engine.train()
     for step in loop.steps():
