@@ -95,31 +95,32 @@ class VARDemoConfig(BaseModel):
 
 # 32x32 (28x28 padded), 4x downsampling to an 8x8 latent, scales 1, 2, 4, 8: 85 tokens of a 256-code, 8-dim codebook
 _PN = (1, 2, 4, 8)
-_VQVAE = {"vocab_size": 256, "token_dim": 8, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "norm_groups": 8,
+_VQVAE = {"vocab_size": 256, "token_dim": 8, "ch": 16, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "norm_groups": 8,
           "patch_nums": _PN}  # fmt: skip
-_VAR = {"depth": 4, "embed_dim": 96, "num_heads": 4, "num_classes": NUM_CLASSES, "vocab_size": 256, "token_dim": 8,
+_VAR = {"depth": 3, "embed_dim": 64, "num_heads": 4, "num_classes": NUM_CLASSES, "vocab_size": 256, "token_dim": 8,
         "patch_nums": _PN}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {  # demo/fashion_mnist_var.yaml as is
+    "full": {  # demo/fashion_mnist_var.yaml as is; about 14 minutes on 2 cores
+        "train_images": 30000,
         "vqvae": _VQVAE,
-        "vqvae_train": {"steps": 600, "batch_size": 64, "lr": 2e-3},
+        "vqvae_train": {"steps": 300, "batch_size": 64},
         "var": _VAR,
-        "var_train": {"steps": 2000, "batch_size": 64, "lr": 2e-3},
+        "var_train": {"steps": 900, "batch_size": 64, "lr": 2e-3},
     },
-    "ci": {  # the reduced run of tests/test_demo_var.py: under 4 minutes on 2 cores
+    "ci": {  # the reduced run of tests/test_demo_var.py: a few minutes on 2 cores
         "train_images": 10000,
         "vqvae": _VQVAE,
-        "vqvae_train": {"steps": 200, "batch_size": 64, "lr": 2e-3},
+        "vqvae_train": {"steps": 120, "batch_size": 64},
         "var": _VAR,
-        "var_train": {"steps": 500, "batch_size": 64, "lr": 2e-3},
+        "var_train": {"steps": 300, "batch_size": 64, "lr": 3e-3},
         "train": {
-            "gen_data": {"num_samples": 2000},
-            "gts": {"steps": 200},
-            "gen_pairs": {"num_samples": 2000},
-            "regress": {"steps": 200},
-            "csd": {"steps": 200},
+            "gen_data": {"num_samples": 1000, "shard_size": 250, "batch_size": 250},
+            "gts": {"steps": 100},
+            "gen_pairs": {"num_samples": 1000, "shard_size": 250, "batch_size": 250, "flow_steps": 16},
+            "regress": {"steps": 100},
+            "csd": {"steps": 100, "batch_size": 16, "guidance_prefit": 20},
         },
-        "eval": {"samples": 500, "refine_groups": 1, "latency_repeats": 3, "throughput_repeats": 2},
+        "eval": {"samples": 1000, "refine_groups": 1, "latency_repeats": 3, "throughput_repeats": 2},
     },
 }
 
@@ -344,6 +345,12 @@ def evaluate(tc: TrainConfig, cfg: VARDemoConfig, out: Path, vqvae: VARVQVAE, te
     for row in rows.values():
         row["nll_gap"] = row["nll"] - rows["teacher"]["nll"]
     overview_png(grids, report_dir / "overview.png")
+    # the samplers alone (tokens, no VQVAE decoding): the teacher's 4 KV-cached scale steps vs one generator pass
+    samplers = {
+        "teacher": Method("teacher", "", "", lambda labels, g: teacher.sample(labels, generator=g)),
+        "dd2": Method("dd2", "", "", lambda labels, g: pipe(labels, generator=g, decode=False)),
+    }
+    tokens_only = {key: speed(m, spec) for key, m in samplers.items()}
     sp, te, dd = rows["set_prediction"]["fd"], rows["teacher"]["fd"], rows["dd2"]["fd"]
     return {
         "family": "var",
@@ -352,6 +359,7 @@ def evaluate(tc: TrainConfig, cfg: VARDemoConfig, out: Path, vqvae: VARVQVAE, te
         "gap_closed": (sp - dd) / (sp - te) if sp != te else float("nan"),
         "speedup_b1": rows["teacher"]["latency_ms"] / rows["dd2"]["latency_ms"],
         "speedup_b64": rows["dd2"]["images_per_s"] / rows["teacher"]["images_per_s"],
+        "tokens_only": tokens_only,
         "pipeline_source": json.loads((tc.export.out_dir / "teacher_ref.json").read_text())["source_checkpoint"],
         "samples_per_method": spec.samples,
         "reference": f"Fashion-MNIST test ({len(test_images)} images)",
@@ -363,7 +371,7 @@ def evaluate(tc: TrainConfig, cfg: VARDemoConfig, out: Path, vqvae: VARVQVAE, te
 def write_report(result: dict, cfg: VARDemoConfig, tc: TrainConfig, out: Path) -> None:
     report_dir = out / "report"
     write_json(report_dir / "report.json", result)
-    v, q, p = tc.teacher.var, tc.teacher.vqvae, tc.teacher.policy
+    v, q, p, to = tc.teacher.var, tc.teacher.vqvae, tc.teacher.policy, result["tokens_only"]
     distil = (f"gen-data {tc.gen_data.num_samples} teacher samples, GTS {tc.gts.steps} steps, "
               + (f"gen-pairs {tc.gen_pairs.num_samples} flow-map pairs, regress {tc.regress.steps} steps, "
                  if "regress" in tc.stages else "")
@@ -389,6 +397,10 @@ def write_report(result: dict, cfg: VARDemoConfig, tc: TrainConfig, out: Path) -
         f"DD2 one-step closes **{result['gap_closed']:.0%}** of the FD gap between set prediction and the teacher; "
         f"it is {result['speedup_b1']:.1f}x faster than the teacher's AR sampling at batch 1 and "
         f"{result['speedup_b64']:.1f}x at batch {cfg.eval.throughput_batch}.",
+        "",
+        f"Without decoding (tokens only): teacher AR {to['teacher']['latency_ms']:.1f} ms at batch 1, "
+        f"{to['teacher']['images_per_s']:.0f} samples/s at batch {cfg.eval.throughput_batch}; DD2 one-step "
+        f"{to['dd2']['latency_ms']:.1f} ms, {to['dd2']['images_per_s']:.0f} samples/s.",
         "",
         "![overview](overview.png)",
         "",
