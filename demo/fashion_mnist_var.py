@@ -107,20 +107,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "var": _VAR,
         "var_train": {"steps": 900, "batch_size": 64, "lr": 2e-3},
     },
-    "ci": {  # the reduced run of tests/test_demo_var.py: a few minutes on 2 cores
+    "ci": {  # the reduced run of tests/test_demo_var.py: about 4 minutes on 2 cores
         "train_images": 10000,
         "vqvae": _VQVAE,
-        "vqvae_train": {"steps": 120, "batch_size": 64},
+        "vqvae_train": {"steps": 200, "batch_size": 32},
         "var": _VAR,
-        "var_train": {"steps": 300, "batch_size": 64, "lr": 3e-3},
+        "var_train": {"steps": 500, "batch_size": 32, "lr": 2e-3},
         "train": {
             "gen_data": {"num_samples": 1000, "shard_size": 250, "batch_size": 250},
             "gts": {"steps": 100},
             "gen_pairs": {"num_samples": 1000, "shard_size": 250, "batch_size": 250, "flow_steps": 16},
-            "regress": {"steps": 100},
+            "regress": {"steps": 150},
             "csd": {"steps": 100, "batch_size": 16, "guidance_prefit": 20},
         },
-        "eval": {"samples": 1000, "refine_groups": 1, "latency_repeats": 3, "throughput_repeats": 2},
+        "eval": {"samples": 500, "refine_groups": 1, "latency_repeats": 2, "throughput_repeats": 1},
     },
 }
 
