@@ -100,7 +100,7 @@ _VQVAE = {"vocab_size": 256, "token_dim": 8, "ch": 16, "ch_mult": (1, 2, 2), "nu
 _VAR = {"depth": 3, "embed_dim": 64, "num_heads": 4, "num_classes": NUM_CLASSES, "vocab_size": 256, "token_dim": 8,
         "patch_nums": _PN}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {  # demo/fashion_mnist_var.yaml as is; about 14 minutes on 2 cores
+    "full": {  # demo/fashion_mnist_var.yaml as is; 13-15 minutes on 2 cores (docs/experiments.md, session 6)
         "train_images": 30000,
         "vqvae": _VQVAE,
         "vqvae_train": {"steps": 300, "batch_size": 64},
