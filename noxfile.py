@@ -83,6 +83,7 @@ def proof(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """The main job: Fashion-MNIST pixels -> tokenizer -> LlamaGen teacher -> DD2 one-step, ending in the comparison
-    table (runs/demo/report/). A second run reuses every finished step. Extra arguments go to demo/fashion_mnist.py."""
+    table (runs/demo/report/; `-- --family var`: a VAR teacher, runs/demo-var/report/). A second run reuses every
+    finished step. Extra arguments go to demo/fashion_mnist.py."""
     _in_venv(session)
-    session.run(sys.executable, "demo/fashion_mnist.py", "--out", "runs/demo", *session.posargs, external=True)
+    session.run(sys.executable, "demo/fashion_mnist.py", *session.posargs, external=True)

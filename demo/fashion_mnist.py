@@ -717,7 +717,9 @@ def write_report(result: dict, cfg: DemoConfig, tc: TrainConfig, out: Path) -> N
 # -- main ----------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    p.add_argument("--family", choices=("llamagen", "var"), default="llamagen",
+                   help="teacher family (default: llamagen); var: demo/fashion_mnist_var.py")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo, var: runs/demo-var)")
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: the Debian path)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="size of the run (default: full)")
     p.add_argument("--recipe", choices=sorted(RECIPE_TRAIN), default=None,
@@ -753,6 +755,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.family == "var":
+        import fashion_mnist_var  # this folder is on sys.path: the script's own
+
+        unsupported = [flag for flag, value in (("--recipe", args.recipe), ("--set", args.overrides),
+                       ("--compare", args.compare), ("--inception", args.inception)) if value]  # fmt: skip
+        if unsupported:
+            print(f"demo: {', '.join(unsupported)}: LlamaGen demo options, not available with --family var "
+                  "(its recipe and sizes are in demo/fashion_mnist_var.yaml)", file=sys.stderr)  # fmt: skip
+            return 2
+
+        return fashion_mnist_var.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -769,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: --inception: expected a multiple of {NUM_CLASSES} between {NUM_CLASSES} and the report's "
               f"{cfg.eval.samples} images per method, got {args.inception}", file=sys.stderr)  # fmt: skip
         return 2
-    out = args.out.resolve()
+    out = (args.out or Path("runs/demo")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     try:
