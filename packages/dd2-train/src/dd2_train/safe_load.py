@@ -189,4 +189,7 @@ def zero_fp32_state_dict(folder: str | os.PathLike, tag: str) -> dict[str, torch
                 offset += n + (int(paddings[g][i]) if paddings is not None else 0)
     for name, alias in (m0.get("shared_params") or {}).items():
         out[name] = out[alias]
+    if not zero3:  # ZeRO 1 records no frozen_param_shapes; its full module state still holds the frozen parameters
+        for name, value in module.items():
+            out.setdefault(name, value)
     return {k: v.float().contiguous() for k, v in out.items()}
