@@ -315,13 +315,14 @@ def evaluate(tc: TrainConfig, cfg: VARDemoConfig, out: Path, vqvae: VARVQVAE, te
     test_images, _ = test
     labels = balanced_labels(spec.samples)
     rows, grids = {}, []
+    reference = space.reference(test_images)  # features and k-NN radii of the test set, once
     for m in build_methods(tc, spec, teacher, pipe, test, vqvae):
         tic = time.perf_counter()
         g = torch.Generator().manual_seed(cfg.seed + 1)
         parts = [m.draw(labels[i : i + 500], g) for i in range(0, len(labels), 500)]
         images, ids, y = (torch.cat(p) for p in zip(*parts, strict=True))
         seconds = time.perf_counter() - tic
-        metrics = space.metrics(images, test_images)
+        metrics = space.metrics(images, reference)
         row = {
             "name": m.name,
             "steps": m.steps,

@@ -81,3 +81,16 @@ def test_bad_input():
         precision_recall(np.zeros((5, 2)), np.zeros((5, 3)))
     with pytest.raises(EvalError, match=r"expected features \(N, D\)"):
         precision_recall(np.zeros(5), np.zeros((5, 3)))
+
+
+def test_precomputed_reference_radii_give_the_same_result():
+    rng = np.random.default_rng(8)
+    ref, a, b = rng.standard_normal((40, 4)), rng.standard_normal((25, 4)), rng.standard_normal((31, 4)) * 2
+    radii_3, radii_5 = manifold_radii(ref, k=3), manifold_radii(ref, k=5)
+    for samples in (a, b):  # one reference, several sample sets
+        assert precision_recall(ref, samples, reference_radii=radii_3) == precision_recall(ref, samples)
+        assert density_coverage(ref, samples, real_radii=radii_5) == density_coverage(ref, samples)
+    with pytest.raises(EvalError, match=r"radii: expected shape \(40,\) \(one per reference feature\), got \(39,\)"):
+        precision_recall(ref, a, reference_radii=radii_3[:39])
+    with pytest.raises(EvalError, match=r"radii: expected shape \(40,\)"):
+        density_coverage(ref, a, real_radii=radii_5[None])

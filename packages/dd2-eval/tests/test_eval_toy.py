@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dd2_eval.errors import MissingResourceError, NpzFormatError
+from dd2_eval.errors import EvalError, MissingResourceError, NpzFormatError
 from dd2_eval.toy import (
     FASHION_MNIST_DIR,
     ToyFeatureConfig,
@@ -89,3 +89,8 @@ def test_toy_metrics_separate_real_noisy_and_collapsed(toy_space):
     assert m_collapsed.recall < 0.1 < m_real.recall and m_collapsed.coverage < m_real.coverage / 2  # only recall-
     assert m_collapsed.precision > 0.7  # and coverage-type metrics see collapse
     assert 1.0 <= m_real.classifier_is <= 10.0
+    cached = toy_space.reference(ref)  # features and radii once, for many methods: the same numbers
+    assert len(cached) == len(ref)
+    assert toy_space.metrics(noisy, cached, **kw) == m_noisy and toy_space.metrics(real, cached, **kw) == m_real
+    with pytest.raises(EvalError, match="reference: built for k = 3, coverage_k = 5; metrics asked for k = 4"):
+        toy_space.metrics(real, cached, k=4, **kw)

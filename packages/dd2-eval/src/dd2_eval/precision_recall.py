@@ -102,17 +102,20 @@ def precision_recall(
     row_batch: int = ADM_BATCH,
     col_batch: int = ADM_BATCH,
     distance_dtype: torch.dtype = torch.float32,
+    reference_radii: Tensor | None = None,
 ) -> PrecisionRecall:
     """Kynkäänniemi precision and recall of `samples` against `reference` (module docstring; ADM's batching).
 
-    Shapes: reference (N_r, D), samples (N_s, D) -> PrecisionRecall.
+    `reference_radii`: `manifold_radii(reference, k=k, ...)` computed once for many sample sets (the result is
+    the same; the reference's N_r x N_r distances are the costly part).
+    Shapes: reference (N_r, D), samples (N_s, D), reference_radii (N_r,) -> PrecisionRecall.
     """
     ref = _features("reference", reference)
     smp = _features("samples", samples).to(ref.device)
     if ref.shape[1] != smp.shape[1]:
         raise EvalError(f"precision_recall: feature dims differ: reference {ref.shape[1]}, samples {smp.shape[1]}")
     kw = dict(k=k, row_batch=row_batch, col_batch=col_batch, distance_dtype=distance_dtype)
-    ref_radii = manifold_radii(ref, **kw)  # (N_r,)
+    ref_radii = _given_radii(reference_radii, ref) if reference_radii is not None else manifold_radii(ref, **kw)
     smp_radii = manifold_radii(smp, **kw)  # (N_s,)
     ref_in = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
     smp_in = torch.zeros(smp.shape[0], dtype=torch.bool, device=ref.device)
@@ -132,19 +135,25 @@ def density_coverage(
     *,
     k: int = 5,
     batch: int = ADM_BATCH,
+    real_radii: Tensor | None = None,
 ) -> DensityCoverage:
     """Density and coverage (Naeem et al. 2020), robust to duplicated samples, with real k-NN radii (fp32).
 
         density  = 1/(k N_f) sum_j #{i : d(f_j, r_i) < rad(r_i)}
         coverage = 1/N_r sum_i [ min_j d(r_i, f_j) < rad(r_i) ]
 
-    Shapes: real (N_r, D), fake (N_f, D) -> DensityCoverage.
+    `real_radii`: `manifold_radii(real, k=k)` computed once for many fake sets (the same result, faster).
+    Shapes: real (N_r, D), fake (N_f, D), real_radii (N_r,) -> DensityCoverage.
     """
     r = _features("real", real)
     f = _features("fake", fake).to(r.device)
     if r.shape[1] != f.shape[1]:
         raise EvalError(f"density_coverage: feature dims differ: real {r.shape[1]}, fake {f.shape[1]}")
-    radii = manifold_radii(r, k=k, row_batch=batch, col_batch=batch)  # (N_r,)
+    radii = (
+        _given_radii(real_radii, r)
+        if real_radii is not None
+        else manifold_radii(r, k=k, row_batch=batch, col_batch=batch)
+    )
     count = torch.zeros((), dtype=torch.float64, device=r.device)
     covered = torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
     for r0 in range(0, r.shape[0], batch):
@@ -154,6 +163,16 @@ def density_coverage(
             count += inside.sum()
             covered[r0:r1] |= inside.any(1)
     return DensityCoverage(float(count) / (k * f.shape[0]), float(covered.double().mean()), k)
+
+
+def _given_radii(radii: Tensor, features: Tensor) -> Tensor:
+    """Precomputed k-NN radii of `features`, checked. Shapes: radii (N,), features (N, D) -> (N,) float32."""
+    r = as_tensor(radii)
+    if r.shape != (features.shape[0],):
+        raise EvalError(
+            f"radii: expected shape ({features.shape[0]},) (one per reference feature), got {tuple(r.shape)}"
+        )
+    return r.float().to(features.device)
 
 
 def _features(name: str, x: np.ndarray | Tensor) -> Tensor:

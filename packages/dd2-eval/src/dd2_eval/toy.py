@@ -32,7 +32,7 @@ from dd2_eval.errors import EvalError, MissingResourceError, NpzFormatError
 from dd2_eval.fid import feature_stats, frechet_distance
 from dd2_eval.inception_score import inception_score
 from dd2_eval.kid import kernel_inception_distance
-from dd2_eval.precision_recall import density_coverage, precision_recall
+from dd2_eval.precision_recall import density_coverage, manifold_radii, precision_recall
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,22 @@ class ToyMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ToyReference:
+    """A reference set's features and k-NN radii, computed once (`ToyFeatureSpace.reference`) and passed to
+    `metrics` for every method: the reference's N_r x N_r distances dominate a metrics call otherwise.
+    Shapes: features (N_r, D), radii (N_r,) each."""
+
+    features: Tensor
+    k: int
+    radii: Tensor  # k-NN radii for precision/recall
+    coverage_k: int
+    coverage_radii: Tensor  # coverage_k-NN radii for density/coverage
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
 class ToyFeatureSpace:
     """Features, metrics and class-conditional accuracy in the toy CNN's space.
 
@@ -269,10 +285,15 @@ class ToyFeatureSpace:
             raise EvalError(f"labels: expected shape ({len(images)},), got {tuple(y.shape)}")
         return float((self.features(images)[1].argmax(1) == y.cpu()).double().mean())
 
+    def reference(self, images: np.ndarray | Tensor, *, k: int = 3, coverage_k: int = 5) -> ToyReference:
+        """Features and k-NN radii of a reference set, for many `metrics` calls.  Shapes: images (N, H, W[, C])."""
+        f_r, _ = self.features(images)
+        return ToyReference(f_r, k, manifold_radii(f_r, k=k), coverage_k, manifold_radii(f_r, k=coverage_k))
+
     def metrics(
         self,
         samples: np.ndarray | Tensor,
-        reference: np.ndarray | Tensor,
+        reference: np.ndarray | Tensor | ToyReference,
         *,
         k: int = 3,
         coverage_k: int = 5,
@@ -280,12 +301,18 @@ class ToyFeatureSpace:
         kid_subset_size: int = 1000,
     ) -> ToyMetrics:
         """FD, KID (features scaled to unit RMS of the reference, else the cubic kernel explodes), precision/recall
-        (k = 3), density/coverage (k = 5) and classifier IS (one split, at most 10)."""
+        (k = 3), density/coverage (k = 5) and classifier IS (one split, at most 10).  `reference`: images, or a
+        `ToyReference` of this space (the same numbers, without recomputing the reference's features and radii)."""
+        if not isinstance(reference, ToyReference):
+            reference = self.reference(reference, k=k, coverage_k=coverage_k)
+        elif (reference.k, reference.coverage_k) != (k, coverage_k):
+            raise EvalError(f"reference: built for k = {reference.k}, coverage_k = {reference.coverage_k}; "
+                            f"metrics asked for k = {k}, coverage_k = {coverage_k}")  # fmt: skip
         f_s, logits = self.features(samples)
-        f_r, _ = self.features(reference)
+        f_r = reference.features
         rms = f_r.pow(2).mean().sqrt().clamp_min(1e-12)
-        pr = precision_recall(f_r, f_s, k=k)
-        dc = density_coverage(f_r, f_s, k=coverage_k)
+        pr = precision_recall(f_r, f_s, k=k, reference_radii=reference.radii)
+        dc = density_coverage(f_r, f_s, k=coverage_k, real_radii=reference.coverage_radii)
         return ToyMetrics(
             fd=frechet_distance(feature_stats(f_s), feature_stats(f_r)),
             kid=kernel_inception_distance(
