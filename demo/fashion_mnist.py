@@ -538,7 +538,7 @@ def evaluate(tc: TrainConfig, cfg: DemoConfig, out: Path, vq: LlamaGenVQ, test, 
     pipe = OneStepPipeline.from_pretrained(tc.export.out_dir)
     space = ToyFeatureSpace(load_toy_net(data_dir=data_dir))
     test_images, test_labels = test
-    reference = test_images  # all 10k test images
+    reference = space.reference(test_images)  # all 10k test images: features and k-NN radii, once
     rows, grids = {}, {}
     for m in build_methods(tc, spec, teacher, pipe, test, vq):
         rows[m.key], images = measure(m, cfg, teacher, space, reference)
