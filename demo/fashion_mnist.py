@@ -604,6 +604,7 @@ def run_compare(tc: TrainConfig, cfg: DemoConfig, out: Path, vq, test, args, thr
     main_raw = yaml.safe_load((out / "config.yaml").read_text())
     teacher = build_teacher(tc.teacher, device=torch.device("cpu"), dtype=torch.float32, run_dir=tc.run_dir)
     space = ToyFeatureSpace(load_toy_net(data_dir=args.data))
+    reference = space.reference(test[0])
     rows = {}
     for key, name in COMPARE.items():
         raw = compare_config(main_raw, out, key, budget, pairs_seconds)
@@ -620,7 +621,7 @@ def run_compare(tc: TrainConfig, cfg: DemoConfig, out: Path, vq, test, args, thr
             o = pipe(labels, generator=g)
             return o.images, nearest_code(o.tokens, teacher.codebook), labels
 
-        row, _ = measure(Method(key, name, "1", draw), cfg, teacher, space, test[0])
+        row, _ = measure(Method(key, name, "1", draw), cfg, teacher, space, reference)
         trained = run_tc.stages[0]
         state = read_manifest(resolve_checkpoint(run_tc.stage_dir(trained)))["state"]
         rows[key] = row | {"train_seconds": state.get("train_seconds"), "train_steps": state["step"]}
