@@ -76,6 +76,16 @@ def test_recipe_is_checked_and_the_warm_start_must_exist(tmp_path, toy_teacher):
         check_config(offline, 1)
 
 
+def test_an_input_written_by_an_earlier_stage_of_the_launch_need_not_exist(tmp_path, toy_teacher):
+    run = tmp_path / "run"
+    (run / "gts").mkdir(parents=True)  # model A exists; the regression does not yet
+    over = {"stage": "[regress,export]", "regress.mode": "onpolicy", "export.init_from": str(run / "regress")}
+    check_config(validate_config(_toy(tmp_path, toy_teacher, **over)), 1)  # regress writes it first
+    alone = validate_config(_toy(tmp_path, toy_teacher, **(over | {"stage": "export"})))
+    with pytest.raises(ConfigError, match=r"export.init_from: .*/run/regress' does not exist"):
+        check_config(alone, 1)
+
+
 def test_paper_defaults_are_filled_per_teacher():
     llamagen = load_config(CONFIGS / "llamagen_l.yaml", ["recipe=paper"])
     assert (llamagen.gts.optim.lr, llamagen.gts.batch_size, llamagen.gts.grad_accum) == (1e-4, 512, 4)

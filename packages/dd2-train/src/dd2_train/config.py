@@ -695,6 +695,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                 )
             continue
         path = default_input(cfg, stage)
+        earlier = [cfg.stage_dir(s).resolve() for s in stages[: stages.index(stage)]]
+        if any(d == path.resolve() or d in path.resolve().parents for d in earlier):
+            continue  # e.g. export.init_from = <run>/regress in a `[regress, export]` launch
         if not path.exists():
             problems.append(
                 f"{stage}.init_from: {str(path)!r} does not exist; run the {producer} stage first or set it"
